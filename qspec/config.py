@@ -65,7 +65,9 @@ class DraftSpec(ModelSpec):
         allowed = [*PRECISIONS, *MODEL_FREE_DRAFTERS]
         unknown = [p for p in precisions if p not in allowed]
         if unknown:
-            raise ValueError(f"unknown precision or drafter {unknown[0]!r} (allowed: {', '.join(allowed)})")
+            raise ValueError(
+                f"unknown precision or drafter {unknown[0]!r} (allowed: {', '.join(allowed)})"
+            )
         return precisions
 
 

@@ -84,4 +84,3 @@ def check_same_tokenizer(target_tok, draft_tok, target_name: str, draft_name: st
             f"({len(draft_tok)} vs {len(target_tok)} tokens, or different ids): "
             "speculative decoding needs the same vocabulary"
         )
-

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qspec.kv import cache_bytes, forward, new_cache, truncate
-from qspec.sampling import Sampler
+from qspec.sampling import GREEDY, Sampler
 
 
 @dataclass
@@ -93,7 +93,7 @@ def generate(
     *,
     drafter=None,
     gamma: int = 0,
-    sampler: Sampler = Sampler(),
+    sampler: Sampler = GREEDY,
     max_new_tokens: int = 64,
     eos_ids: frozenset[int] = frozenset(),
     generator: torch.Generator | None = None,

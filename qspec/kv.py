@@ -13,7 +13,10 @@ def new_cache(model) -> DynamicCache:
 def forward(model, ids: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
     """Feed 1-D ids after what the cache holds; returns logits (len(ids) or 1, V)."""
     out = model(
-        input_ids=ids.view(1, -1), past_key_values=cache, use_cache=True, logits_to_keep=1 if last_only else 0
+        input_ids=ids.view(1, -1),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1 if last_only else 0,
     )
     return out.logits[0]
 

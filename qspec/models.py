@@ -67,7 +67,9 @@ def convert_default_model() -> Path:
 
     src = gguf_path()
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        src.parent, gguf_file=src.name, dtype=torch.float32
+    )
     # A GGUF-loaded model refuses save_pretrained while it still carries the GGUF quantizer marker.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -77,7 +79,9 @@ def convert_default_model() -> Path:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "qspec-source.json").write_text(json.dumps({"gguf": str(src), "quantization": "Q4_1"}))
+        (tmp / "qspec-source.json").write_text(
+            json.dumps({"gguf": str(src), "quantization": "Q4_1"})
+        )
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

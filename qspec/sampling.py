@@ -45,3 +45,6 @@ def sampler_for(mode: str, temperature: float = 1.0, top_k: int = 0, top_p: floa
     if mode == "greedy":
         return Sampler(greedy=True)
     return Sampler(greedy=False, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+GREEDY = Sampler()

@@ -84,9 +84,9 @@ def build_gptq_int4(ctx: BuildContext):
 
     if not ctx.calibration_texts:
         raise VariantUnavailable("gptq-int4 needs calibration text (a suite with a corpus)")
-    key = hashlib.sha256(
-        "\n".join([ctx.location, *ctx.calibration_texts]).encode()
-    ).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([ctx.location, *ctx.calibration_texts]).encode()).hexdigest()[
+        :16
+    ]
     out = cache_root() / "gptq" / key
     if (out / "config.json").exists():
         return _load(ctx)
@@ -125,7 +125,9 @@ def build(precision: str, ctx: BuildContext) -> torch.nn.Module:
     if precision not in PRECISIONS:
         raise KeyError(f"unknown precision {precision!r} (allowed: {', '.join(PRECISIONS)})")
     if precision == "fp16" and ctx.device == "cpu":
-        logging.getLogger("qspec").warning("fp16 on CPU is ~3x slower than fp32; timings are not representative")
+        logging.getLogger("qspec").warning(
+            "fp16 on CPU is ~3x slower than fp32; timings are not representative"
+        )
     return PRECISIONS[precision](ctx)
 
 

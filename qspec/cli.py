@@ -1,0 +1,87 @@
+"""The `qspec` command: evaluate, suites."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from qspec.config import ConfigError, load_config
+
+
+def _evaluate(args) -> int:
+    from qspec.suites import SuiteError, load_suite
+
+    try:
+        cfg = load_config(args.config)
+        overrides = {}
+        if args.max_prompts is not None:
+            overrides["max_prompts"] = args.max_prompts
+        if args.max_new_tokens is not None:
+            overrides["max_new_tokens"] = args.max_new_tokens
+        if args.suite:
+            overrides["suites"] = args.suite
+        if overrides:
+            from qspec.config import parse_config
+
+            cfg = parse_config({**cfg.model_dump(), **overrides}, "command line")
+        extra = [Path(p) for p in args.suites_path]
+        suites = [
+            load_suite(name, extra) for name in cfg.suites
+        ]  # validated before any model loads
+    except (ConfigError, SuiteError) as err:
+        print(f"qspec: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.resume or args.out or Path("reports") / time.strftime("run-%Y%m%d-%H%M%S"))
+    from qspec.runner import run_evaluation
+
+    status = run_evaluation(cfg, out, suites, resume=bool(args.resume), quiet=args.quiet)
+    print(f"results: {out / 'results.jsonl'}")
+    return status
+
+
+def _suites(args) -> int:
+    from qspec.suites import SuiteError, list_suites
+
+    try:
+        found = list_suites([Path(p) for p in args.suites_path])
+    except SuiteError as err:
+        print(f"qspec: {err}", file=sys.stderr)
+        return 2
+    for s in found:
+        print(f"{s.name:20s} {s.origin:28s} {', '.join(s.declares()) or '-':28s} {s.path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qspec", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("evaluate", help="build variants, run every pairing, store results")
+    ev.add_argument(
+        "--config", type=Path, help="TOML config (default: the embedded offline config)"
+    )
+    ev.add_argument("--out", type=Path, help="output directory (default: reports/run-<time>)")
+    ev.add_argument(
+        "--resume", type=Path, metavar="DIR", help="continue a run: skip finished cells"
+    )
+    ev.add_argument("--suite", action="append", help="suite name or folder (repeatable)")
+    ev.add_argument("--suites-path", action="append", default=[], help="extra folder of suites")
+    ev.add_argument("--max-prompts", type=int)
+    ev.add_argument("--max-new-tokens", type=int)
+    ev.add_argument("--quiet", action="store_true", help="no progress bars (CI)")
+    ev.set_defaults(func=_evaluate)
+    su = sub.add_parser("suites", help="list every suite found and what it declares")
+    su.add_argument("--suites-path", action="append", default=[])
+    su.set_defaults(func=_suites)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Predicted acceptance from teacher-forced distributions (no generation needed).
+
+beta at a position = sum_x min(p(x), q(x)) under sampling, [argmax p == argmax q] under
+greedy; alpha_predicted is the mean of beta over positions (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qspec.kv import forward, new_cache
+from qspec.sampling import Sampler
+
+
+def beta(p_logits: torch.Tensor, q_logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
+    """Per-position acceptance probability for rows of target and draft logits."""
+    if sampler.greedy:
+        return (p_logits.argmax(-1) == q_logits.argmax(-1)).float()
+    return torch.minimum(sampler.probs(p_logits), sampler.probs(q_logits)).sum(-1)
+
+
+def beta_deterministic(
+    p_logits: torch.Tensor, proposals: torch.Tensor, sampler: Sampler
+) -> torch.Tensor:
+    """Same, for a drafter that proposes one token with certainty (q is one-hot)."""
+    if sampler.greedy:
+        return (p_logits.argmax(-1) == proposals).float()
+    return sampler.probs(p_logits).gather(-1, proposals.view(-1, 1)).squeeze(-1)
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Logits predicting ids[start:], from one forward pass over ids[:-1]."""
+    logits = forward(model, ids[:-1], new_cache(model))
+    return logits[start - 1 :]
+
+
+@torch.inference_mode()
+def on_policy_beta(
+    target, drafter, ids: torch.Tensor, start: int, sampler: Sampler
+) -> torch.Tensor:
+    """Per-position beta over ids[start:], the continuation the generation visits."""
+    p = teacher_forced_logits(target, ids, start)
+    model = getattr(drafter, "model", None)
+    if model is not None:
+        q = teacher_forced_logits(model, ids, start)
+        return beta(p, q.to(p.device), sampler)
+    # A model-free drafter: ask it for its first proposal at each position; skip where it has none.
+    betas = []
+    for pos in range(start, ids.numel()):
+        proposal, _ = drafter.propose(ids[:pos], 1, sampler, None)
+        if proposal.numel():
+            betas.append(
+                beta_deterministic(p[pos - start : pos - start + 1], proposal[:1], sampler)
+            )
+    return torch.cat(betas) if betas else torch.empty(0)
