@@ -10,6 +10,7 @@ yields the same corpus, prompts and task data.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import json
 import os
@@ -22,7 +23,6 @@ CORPUS_TOPICS = [
     "assert",
     "booleans",
     "break",
-    "comparisons",
     "continue",
     "del",
     "for",
@@ -90,31 +90,35 @@ MC_PER_MODULE = 6
 # Modules used for the generative task (finish the imported name).
 IMPORT_MODULES = [
     "argparse",
-    "base64",
+    "calendar",
+    "codecs",
     "collections",
+    "configparser",
     "contextlib",
+    "csv",
     "dataclasses",
     "difflib",
+    "email.utils",
+    "enum",
     "functools",
-    "heapq",
-    "json",
+    "http.client",
+    "inspect",
+    "io",
     "logging",
+    "mimetypes",
     "pathlib",
-    "pprint",
+    "pickle",
     "queue",
-    "random",
     "shutil",
     "statistics",
-    "string",
-    "struct",
     "subprocess",
     "tarfile",
     "tempfile",
     "textwrap",
     "threading",
+    "traceback",
+    "typing",
     "unittest",
-    "urllib.parse",
-    "warnings",
     "weakref",
     "zipfile",
 ]
@@ -125,6 +129,7 @@ GEN_TASK = "qspec_default_import"
 MAX_EXCERPT_CHARS = 1400
 
 
+@functools.cache
 def module_source(module: str) -> str:
     """Source text of a pure-Python stdlib module, read from disk without importing it."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -163,15 +168,19 @@ def corpus() -> list[str]:
     return docs
 
 
-def _top_level_functions(source: str) -> dict[str, ast.FunctionDef]:
-    tree = ast.parse(source)
-    return {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+@functools.cache
+def _tree(module: str) -> ast.Module:
+    return ast.parse(module_source(module))
+
+
+def _top_level_functions(module: str) -> dict[str, ast.FunctionDef]:
+    return {n.name: n for n in _tree(module).body if isinstance(n, ast.FunctionDef)}
 
 
 def _function_head(module: str, name: str) -> str | None:
     """The real `def` line(s) and docstring of a stdlib function, without its body."""
     source = module_source(module)
-    node = _top_level_functions(source).get(name)
+    node = _top_level_functions(module).get(name)
     if node is None or ast.get_docstring(node) is None:
         return None
     lines = source.splitlines()
@@ -241,7 +250,7 @@ def docname_docs() -> list[dict]:
     """Multiple choice: given a function's docstring summary, pick its name among 4 from its module."""
     docs = []
     for module in MC_MODULES:
-        funcs = _top_level_functions(module_source(module))
+        funcs = _top_level_functions(module)
         summaries = {}
         for name, node in sorted(funcs.items()):
             doc = ast.get_docstring(node)
@@ -274,8 +283,8 @@ def docname_docs() -> list[dict]:
     return docs
 
 
-def _all_names(source: str) -> list[str]:
-    for node in ast.parse(source).body:
+def _all_names(module: str) -> list[str]:
+    for node in _tree(module).body:
         if isinstance(node, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
         ):
@@ -286,28 +295,45 @@ def _all_names(source: str) -> list[str]:
     return []
 
 
+def _word_starts(name: str) -> list[int]:
+    """Where a new word begins in an identifier: at '_' or at a lower-to-upper change."""
+    return [
+        i
+        for i in range(1, len(name))
+        if (name[i] == "_" and name[i - 1] != "_") or (name[i].isupper() and name[i - 1].islower())
+    ]
+
+
 def import_docs() -> list[dict]:
-    """Generative: finish a public name in `from module import <prefix>`; one right answer."""
+    """Generative: finish a public name in `from module import <prefix>`; one right answer.
+
+    The prefix ends at a word boundary (``Ordered|Dict``, ``get_close|_matches``) so a
+    small model is not asked to continue half a token, and it is the shortest such
+    prefix that no other public name of the module shares.
+    """
     docs = []
     for module in IMPORT_MODULES:
-        names = sorted(set(_all_names(module_source(module))))
-        eligible = [n for n in names if len(n) >= 6 and not n.isupper() and not n.startswith("_")]
-        rng = random.Random(f"qspec-import-{module}")
-        for name in sorted(rng.sample(eligible, min(IMPORT_PER_MODULE, len(eligible)))):
-            # shortest prefix that no other public name of the module shares, at least half the name
-            unique = next(
-                k
-                for k in range(1, len(name) + 1)
-                if not any(o != name and o.startswith(name[:k]) for o in names)
-            )
-            k = max(unique, len(name) // 2)
-            if k > len(name) - 2:
+        names = sorted(set(_all_names(module)))
+        splits = {}
+        for name in names:
+            if name.startswith("_") or name.isupper():
                 continue
+            for cut in _word_starts(name):
+                prefix = name[:cut]
+                if len(name) - cut >= 3 and not any(
+                    o != name and o.startswith(prefix) for o in names
+                ):
+                    splits[name] = cut
+                    break
+        rng = random.Random(f"qspec-import-{module}")
+        picked = sorted(rng.sample(sorted(splits), min(IMPORT_PER_MODULE, len(splits))))
+        for name in picked:
+            cut = splits[name]
             docs.append(
                 {
                     "module": module,
-                    "text": f"# Python standard library\nfrom {module} import {name[:k]}",
-                    "target": name[k:],
+                    "text": f"# Python standard library\nfrom {module} import {name[:cut]}",
+                    "target": name[cut:],
                 }
             )
     return docs
