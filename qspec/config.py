@@ -78,6 +78,23 @@ class Sampling(Strict):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
 
 
+class QualitySettings(Strict):
+    """Teacher-forced pass over each suite corpus: perplexity, KL, top-1, predicted acceptance."""
+
+    enabled: bool = True
+    max_tokens: int = Field(default=1024, ge=16, description="scored positions per suite corpus")
+    window: int = Field(default=512, ge=8)
+    stride: int = Field(default=256, ge=1)
+
+
+class TaskSettings(Strict):
+    """Task accuracy through lm-eval, and the greedy losslessness check on one generative task."""
+
+    enabled: bool = True
+    limit: int | None = Field(default=25, ge=1, description="documents per task (None: all)")
+    lossless_check: Literal["none", "reference", "all"] = "reference"
+
+
 class RunConfig(Strict):
     target: ModelSpec = ModelSpec(precisions=["fp32", "int8", "nf4"])
     draft: DraftSpec = DraftSpec(precisions=["int8", "nf4", "ngram"])
@@ -91,6 +108,8 @@ class RunConfig(Strict):
     warmup: int = Field(default=1, ge=0, description="untimed generations before each cell")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     baselines: list[Literal["target_only", "hf_assisted"]] = ["target_only", "hf_assisted"]
+    quality: QualitySettings = QualitySettings()
+    tasks: TaskSettings = TaskSettings()
 
     @field_validator("gammas")
     @classmethod

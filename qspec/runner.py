@@ -192,10 +192,38 @@ class RunState:
         self.failed = 0
         calibration = [doc for s in suites for doc in _safe_corpus(s)][:64]
         self.variants = Variants(device, calibration)
-        self.baseline: dict[
-            tuple, dict
-        ] = {}  # (suite, target, mode) -> target-only record + outputs
+        # (suite, target, mode) -> the target-only record, for speedup and losslessness
+        self.baseline: dict[tuple, dict] = {}
         self.model_errors: dict[str, str] = {}
+        self.model_free = MODEL_FREE_DRAFTERS
+        self.work_dir = results.parent
+
+    def base_key(self) -> dict:
+        """What every stored result depends on besides its own coordinates."""
+        cfg = self.cfg
+        return {
+            "target_ref": cfg.target.ref,
+            "draft_ref": cfg.draft.ref,
+            "target_precisions": cfg.target.precisions,
+            "draft_precisions": cfg.draft.precisions,
+            "sampling": cfg.sampling.model_dump(),
+            "quality": cfg.quality.model_dump(),
+            "tasks": cfg.tasks.model_dump(),
+            "gammas": cfg.gammas,
+            "seed": cfg.seed,
+            "device": self.device.type,
+            "versions": versions(),
+        }
+
+    def previous_ok(self, key: str) -> bool:
+        """On resume: was this result already stored as ok (or unavailable, which will not change)?"""
+        old = self.previous.get(key)
+        return old is not None and old.get("status") in ("ok", "unavailable")
+
+    def write(self, record: dict) -> None:
+        if record.get("status") == "failed":
+            self.failed += 1
+        store.append(self.results, record)
 
     # -- models ---------------------------------------------------------------------------------
     def resolve_models(self):
@@ -241,8 +269,15 @@ class RunState:
 
     # -- the run --------------------------------------------------------------------------------
     def run_all(self, progress: Progress):
+        from qspec.stages import run_quality, run_task_stage
+
         self.resolve_models()
         self.record_variants()
+        run_quality(self, progress)
+        self.run_cells(progress)
+        run_task_stage(self, progress, self.work_dir)
+
+    def run_cells(self, progress: Progress):
         cells = plan(self.cfg, list(self.suites))
         prompts = {}
         with progress.task("cells", total=len(cells)) as advance:
@@ -267,8 +302,7 @@ class RunState:
             key = store.cell_key(
                 {"kind": "variant", "ref": ref, "precision": precision, "device": self.device.type}
             )
-            store.append(
-                self.results,
+            self.write(
                 {
                     "key": key,
                     "kind": "variant",
@@ -326,11 +360,9 @@ class RunState:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        if record["status"] == "failed":
-            self.failed += 1
         if cell.kind == "target_only" and record["status"] == "ok":
             self.baseline[(cell.suite, cell.target, cell.mode)] = record
-        store.append(self.results, record)
+        self.write(record)
 
     @property
     def reference(self) -> str:
