@@ -53,3 +53,50 @@ def default_model_dir():
     except FileNotFoundError as err:
         pytest.skip(str(err))
     return resolve("smollm2-135m-instruct").location
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir):
+    """A tiny random Llama saved with the real SmolLM2 tokenizer: a local model ref that loads in ms."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    model = tiny_llama(3, vocab=len(tok), hidden=64, layers=2)
+    model.config.bos_token_id = tok.bos_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_config(path, model_dir, **overrides) -> str:
+    """A small TOML config for a tiny-model run; overrides are top-level TOML snippets."""
+    import json
+
+    body = {
+        "gammas": "[2]",
+        "modes": '["greedy", "sample"]',
+        "max_new_tokens": "8",
+        "max_prompts": "2",
+        "warmup": "0",
+        "suites": '["example-custom"]',
+        **{k: v for k, v in overrides.items() if not k.startswith("_")},
+    }
+    lines = [f"{k} = {v}" for k, v in body.items()]
+    lines += [
+        "[target]",
+        f"ref = {json.dumps(str(model_dir))}",
+        overrides.get("_target", 'precisions = ["fp32", "nf4"]'),
+        "[draft]",
+        f"ref = {json.dumps(str(model_dir))}",
+        overrides.get("_draft", 'precisions = ["nf4", "ngram"]'),
+        "[quality]",
+        "max_tokens = 64",
+        "window = 32",
+        "stride = 16",
+        "[tasks]",
+        overrides.get("_tasks", "enabled = false"),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)

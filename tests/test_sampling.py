@@ -45,8 +45,16 @@ def empirical_pairs(target, make_drafter, sampler, accept=None) -> torch.Tensor:
     counts = torch.zeros(VOCAB * VOCAB)
     rng = torch.Generator().manual_seed(1234)
     for _ in range(TRIALS):
-        gen = generate(target, PROMPT, drafter=make_drafter(), gamma=3, sampler=sampler,
-                       max_new_tokens=2, generator=rng, accept=accept)
+        gen = generate(
+            target,
+            PROMPT,
+            drafter=make_drafter(),
+            gamma=3,
+            sampler=sampler,
+            max_new_tokens=2,
+            generator=rng,
+            accept=accept,
+        )
         counts[gen.tokens[0] * VOCAB + gen.tokens[1]] += 1
     return counts
 
@@ -104,4 +112,3 @@ def test_a_broken_acceptance_rule_fails_the_same_test(models):
     sampler = SAMPLERS["temperature"]
     counts = empirical_pairs(target, lambda: ModelDrafter(draft), sampler, accept=broken_accept)
     assert chi_square_p(counts, exact_pair_distribution(target, sampler)) < P_MIN
-

@@ -1,0 +1,146 @@
+"""End to end on a tiny local model: every cell recorded, failures isolated, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import write_config
+
+from qspec import store
+from qspec.cli import main
+
+
+def records(out):
+    return store.read(out / "results.jsonl")
+
+
+def test_evaluate_covers_every_pairing(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path / "c.toml", tiny_model_dir)
+    out = tmp_path / "run"
+    assert main(["evaluate", "--config", cfg, "--out", str(out), "--quiet"]) == 0
+    recs = records(out)
+    cells = {(r["kind"], r["target"], r["draft"], r["mode"]) for r in recs if "mode" in r}
+    for target in ("fp32", "nf4"):
+        for mode in ("greedy", "sample"):
+            assert ("target_only", target, None, mode) in cells
+            for draft in ("nf4", "ngram"):
+                assert ("speculative", target, draft, mode) in cells
+                assert ("hf_assisted", target, draft, mode) in cells
+    gen = [r for r in recs if r["kind"] == "speculative"]
+    assert all(r["status"] == "ok" for r in gen), [r["error"] for r in gen]
+    for r in gen:
+        for field in ("alpha_measured", "acceptance_rate", "tau", "accepted_histogram", "speedup"):
+            assert field in r
+        assert 1.0 <= r["tau"] <= r["gamma"] + 1
+    fp32_greedy = [r for r in gen if r["target"] == "fp32" and r["mode"] == "greedy"]
+    assert fp32_greedy and all(r["lossless"] is True for r in fp32_greedy)
+    quality = {r["variant"]: r for r in recs if r["kind"] == "quality"}
+    assert quality["fp32"]["kl_mean"] == 0 and quality["nf4"]["kl_mean"] > 0
+    variants = {r["precision"]: r for r in recs if r["kind"] == "variant"}
+    assert variants["nf4"]["weights_bytes"] < variants["fp32"]["weights_bytes"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["versions"]["torch"] and run["seed"] == 0
+
+
+def test_an_unloadable_draft_fails_its_cells_and_the_run_goes_on(tmp_path, tiny_model_dir):
+    missing = tmp_path / "no-such-model"
+    missing.mkdir()  # exists, so the config accepts it, but holds no weights
+    cfg = write_config(
+        tmp_path / "c.toml",
+        tiny_model_dir,
+        modes='["greedy"]',
+        baselines='["target_only"]',
+        _target='precisions = ["fp32"]',
+    )
+    text = (
+        open(cfg)
+        .read()
+        .replace(
+            f'ref = {json.dumps(str(tiny_model_dir))}\nprecisions = ["nf4", "ngram"]',
+            f'ref = {json.dumps(str(missing))}\nprecisions = ["nf4", "ngram"]',
+        )
+    )
+    open(cfg, "w").write(text)
+    out = tmp_path / "run"
+    assert main(["evaluate", "--config", cfg, "--out", str(out), "--quiet"]) == 1
+    by_draft = {r["draft"]: r for r in records(out) if r["kind"] == "speculative"}
+    assert by_draft["nf4"]["status"] == "failed" and "no-such-model" in by_draft["nf4"]["error"]
+    assert by_draft["ngram"]["status"] == "ok"
+    assert json.loads((out / "run.json").read_text())["status"] == "partial"
+
+
+@pytest.mark.parametrize(
+    ("snippet", "expected"),
+    [
+        ("gamas = [1]", "gamas = [1]: unknown key"),
+        ("gammas = [0]", "gamma 0 out of range"),
+        ("gammas = []", "gammas"),
+        ('modes = ["beam"]', "modes.0"),
+        ("[sampling]\ntemperature = -1", "sampling.temperature"),
+        ("[sampling]\ntop_p = 1.5", "sampling.top_p"),
+        ('[target]\nprecisions = ["int3"]', "unknown precision 'int3'"),
+        ("[target]\nprecisions = []", "target.precisions"),
+        ('[draft]\nprecisions = ["medusa"]', "unknown precision or drafter 'medusa'"),
+        ('[target]\nref = "not a model"\nprecisions = ["fp32"]', "neither an existing local path"),
+    ],
+)
+def test_bad_config_is_rejected_before_loading_with_exit_2(tmp_path, capsys, snippet, expected):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(snippet + "\n")
+    assert main(["evaluate", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(cfg) in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_suite_is_rejected_with_exit_2(tmp_path, capsys):
+    assert main(["evaluate", "--suite", "no-such-suite", "--out", str(tmp_path / "o")]) == 2
+    assert "no-such-suite" in capsys.readouterr().err
+
+
+def _run_cli(args, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "qspec.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        **kw,
+    )
+
+
+def _keys(out):
+    return {r["key"]: r["status"] for r in records(out)}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reaches_the_same_records(tmp_path, tiny_model_dir):
+    cfg = write_config(
+        tmp_path / "c.toml", tiny_model_dir, modes='["greedy"]', baselines='["target_only"]'
+    )
+    full = tmp_path / "full"
+    assert main(["evaluate", "--config", cfg, "--out", str(full), "--quiet"]) == 0
+    killed = tmp_path / "killed"
+    for attempt in range(3):  # kill at a different moment each time, resuming what is there
+        args = ["evaluate", "--config", cfg, "--quiet"]
+        args += ["--resume", str(killed)] if killed.exists() else ["--out", str(killed)]
+        proc = _run_cli(args)
+        deadline = time.time() + 120
+        target_lines = 3 + 2 * attempt
+        while time.time() < deadline and proc.poll() is None:
+            if (killed / "results.jsonl").exists() and len(records(killed)) >= target_lines:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for line in (killed / "results.jsonl").read_text().splitlines():
+            json.loads(line)  # no torn lines
+    assert main(["evaluate", "--config", cfg, "--quiet", "--resume", str(killed)]) == 0
+    ok_full = {k for k, s in _keys(full).items() if s == "ok"}
+    ok_resumed = {k for k, s in _keys(killed).items() if s == "ok"}
+    assert ok_full == ok_resumed
