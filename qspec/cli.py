@@ -1,4 +1,4 @@
-"""The `qspec` command: evaluate, suites."""
+"""The `qspec` command: evaluate, report, suites."""
 
 from __future__ import annotations
 
@@ -37,9 +37,38 @@ def _evaluate(args) -> int:
     out = Path(args.resume or args.out or Path("reports") / time.strftime("run-%Y%m%d-%H%M%S"))
     from qspec.runner import run_evaluation
 
-    status = run_evaluation(cfg, out, suites, resume=bool(args.resume), quiet=args.quiet)
+    try:
+        status = run_evaluation(cfg, out, suites, resume=bool(args.resume), quiet=args.quiet)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: finished cells are in {out}; continue with --resume {out}",
+            file=sys.stderr,
+        )
+        return 130
     print(f"results: {out / 'results.jsonl'}")
+    _print_report(out, None)
     return status
+
+
+def _print_report(run_dir: Path, budget) -> None:
+    from qspec.report import summary_text, write_report
+
+    page = write_report(run_dir, budget)
+    print(f"report: {page}")
+    print(summary_text(run_dir, budget))
+
+
+def _report(args) -> int:
+    from qspec.report import Budget
+
+    if not (args.dir / "results.jsonl").exists():
+        print(
+            f"qspec: {args.dir / 'results.jsonl'} not found (expected a run directory)",
+            file=sys.stderr,
+        )
+        return 2
+    _print_report(args.dir, Budget(args.max_ppl_increase_pct, args.max_accuracy_drop_points))
+    return 0
 
 
 def _suites(args) -> int:
@@ -79,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-new-tokens", type=int)
     ev.add_argument("--quiet", action="store_true", help="no progress bars (CI)")
     ev.set_defaults(func=_evaluate)
+    rp = sub.add_parser("report", help="(re)write DIR/index.html from a run's results")
+    rp.add_argument("dir", type=Path)
+    rp.add_argument("--max-ppl-increase-pct", type=float, default=5.0)
+    rp.add_argument("--max-accuracy-drop-points", type=float, default=2.0)
+    rp.set_defaults(func=_report)
     su = sub.add_parser("suites", help="list every suite found and what it declares")
     su.add_argument("--suites-path", action="append", default=[])
     su.set_defaults(func=_suites)
