@@ -216,14 +216,28 @@ class RunState:
         }
 
     def previous_ok(self, key: str) -> bool:
-        """On resume: was this result already stored as ok (or unavailable, which will not change)?"""
+        """On resume: was this cell or stage already stored as ok (or unavailable, which will not change)?"""
+        done = ("ok", "unavailable")
         old = self.previous.get(key)
-        return old is not None and old.get("status") in ("ok", "unavailable")
+        if old is not None and old.get("status") in done:
+            return True
+        stage = [r for r in self.previous.values() if r.get("stage_key") == key]
+        return bool(stage) and all(r.get("status") in done for r in stage)
 
     def write(self, record: dict) -> None:
         if record.get("status") == "failed":
             self.failed += 1
         store.append(self.results, record)
+
+    def write_stage(self, stage_key: str, record: dict) -> None:
+        """A stage writes several records under one resume key; each still gets a unique key."""
+        ident = {
+            k: record.get(k)
+            for k in ("kind", "suite", "variant", "target", "draft", "task", "metric")
+        }
+        self.write(
+            {"key": store.cell_key({"stage": stage_key, **ident}), "stage_key": stage_key, **record}
+        )
 
     # -- models ---------------------------------------------------------------------------------
     def resolve_models(self):

@@ -130,7 +130,7 @@ def run_quality(state, progress) -> None:
                 }
             ]
         for rec in records:
-            state.write({"key": key, **rec})
+            state.write_stage(key, rec)
 
 
 def run_task_stage(state, progress, work_dir) -> None:
@@ -151,15 +151,15 @@ def run_task_stage(state, progress, work_dir) -> None:
                 continue
             model, problem = state.model("target", precision)
             if problem:
-                state.write(
+                state.write_stage(
+                    key,
                     {
-                        "key": key,
                         "kind": "task",
                         "suite": suite.name,
                         "variant": precision,
                         "status": problem[0],
                         "error": problem[1],
-                    }
+                    },
                 )
                 continue
             with progress.task(f"tasks {suite.name} {precision}", total=1) as advance:
@@ -173,8 +173,8 @@ def run_task_stage(state, progress, work_dir) -> None:
                         {"task": "*", "status": "failed", "error": f"{type(err).__name__}: {err}"}
                     ]
             for rec in records:
-                state.write(
-                    {"key": key, "kind": "task", "suite": suite.name, "variant": precision, **rec}
+                state.write_stage(
+                    key, {"kind": "task", "suite": suite.name, "variant": precision, **rec}
                 )
         run_lossless_checks(state, suite, progress, work_dir, lossless_check)
 
