@@ -108,6 +108,8 @@ class RunConfig(Strict):
     warmup: int = Field(default=1, ge=0, description="untimed generations before each cell")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     baselines: list[Literal["target_only", "hf_assisted"]] = ["target_only", "hf_assisted"]
+    # transformers' assisted generation is a timing peer; greedy alone keeps CPU runs short
+    hf_assisted_modes: list[Literal["greedy", "sample"]] = ["greedy"]
     quality: QualitySettings = QualitySettings()
     tasks: TaskSettings = TaskSettings()
 

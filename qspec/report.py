@@ -1337,16 +1337,16 @@ def _failures(run: Run) -> dict:
 
 
 def _missing_cells(run: Run) -> list[dict]:
-    """Generation cells the config plans (targets x modes x drafts x gammas) with no record."""
-    cfg = run.config
+    """Generation cells the run's config plans (the runner's own plan) that have no record."""
+    from dataclasses import asdict
+
+    from qspec.config import ConfigError, parse_config
+    from qspec.runner import plan
+
     try:
-        targets = list(cfg["target"]["precisions"])
-        drafts = list(cfg["draft"]["precisions"])
-        gammas = list(cfg["gammas"])
-        modes = list(cfg["modes"])
-        suites = list(run.meta.get("suites") or cfg["suites"])
-        hf = "hf_assisted" in (cfg.get("baselines") or [])
-    except (KeyError, TypeError):
+        cfg = parse_config(run.config, "run.json config")
+        suites = [text(s) for s in (run.meta.get("suites") or cfg.suites)]
+    except (ConfigError, TypeError, ValueError):
         return []
     have = {
         (
@@ -1359,23 +1359,8 @@ def _missing_cells(run: Run) -> list[dict]:
         )
         for c in run.cells
     }
-    planned = []
-    for s in suites:
-        for t in targets:
-            for m in modes:
-                planned.append(("target_only", text(s), text(t), None, 0, text(m)))
-                planned += [
-                    ("speculative", text(s), text(t), d, g, text(m)) for d in drafts for g in gammas
-                ]
-                if hf and gammas:
-                    planned += [
-                        ("hf_assisted", text(s), text(t), d, max(gammas), text(m)) for d in drafts
-                    ]
-    return [
-        dict(zip(("kind", "suite", "target", "draft", "gamma", "mode"), p, strict=True))
-        for p in planned
-        if p not in have
-    ]
+    planned = [asdict(cell) for cell in plan(cfg, suites)]
+    return [p for p in planned if tuple(p.values()) not in have]
 
 
 def _outputs(run: Run) -> dict:

@@ -65,7 +65,7 @@ def plan(cfg: RunConfig, suite_names: list[str]) -> list[Cell]:
                 for draft in cfg.draft.precisions:
                     for gamma in cfg.gammas:
                         cells.append(Cell("speculative", suite, target, draft, gamma, mode))
-                if "hf_assisted" in cfg.baselines:
+                if "hf_assisted" in cfg.baselines and mode in cfg.hf_assisted_modes:
                     for draft in cfg.draft.precisions:
                         cells.append(
                             Cell("hf_assisted", suite, target, draft, max(cfg.gammas), mode)

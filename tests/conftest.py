@@ -81,6 +81,7 @@ def write_config(path, model_dir, **overrides) -> str:
         "max_prompts": "2",
         "warmup": "0",
         "suites": '["example-custom"]',
+        "hf_assisted_modes": '["greedy", "sample"]',
         **{k: v for k, v in overrides.items() if not k.startswith("_")},
     }
     lines = [f"{k} = {v}" for k, v in body.items()]

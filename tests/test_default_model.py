@@ -13,7 +13,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_weights_shrink_with_precision(default_model_dir):
-    sizes = {p: weight_bytes(build(p, BuildContext(default_model_dir, "cpu"))) for p in ("fp32", "int8", "nf4")}
+    sizes = {
+        p: weight_bytes(build(p, BuildContext(default_model_dir, "cpu")))
+        for p in ("fp32", "int8", "nf4")
+    }
     assert sizes["nf4"] < sizes["int8"] < sizes["fp32"]
     # 135M parameters: fp32 holds 4 bytes each (embeddings tied, counted once)
     assert 0.5e9 < sizes["fp32"] < 0.56e9
@@ -22,9 +25,16 @@ def test_weights_shrink_with_precision(default_model_dir):
 def test_predicted_and_measured_greedy_acceptance_agree(tmp_path, default_model_dir):
     """Teacher-forced top-1 agreement on the visited text predicts measured greedy alpha."""
     cfg = write_config(
-        tmp_path / "c.toml", "smollm2-135m-instruct", modes='["greedy"]', baselines='["target_only"]',
-        gammas="[4]", max_new_tokens="48", max_prompts="4", suites='["default"]',
-        _target='precisions = ["fp32"]', _draft='precisions = ["nf4", "ngram"]',
+        tmp_path / "c.toml",
+        "smollm2-135m-instruct",
+        modes='["greedy"]',
+        baselines='["target_only"]',
+        gammas="[4]",
+        max_new_tokens="48",
+        max_prompts="4",
+        suites='["default"]',
+        _target='precisions = ["fp32"]',
+        _draft='precisions = ["nf4", "ngram"]',
     )
     out = tmp_path / "run"
     assert main(["evaluate", "--config", cfg, "--out", str(out), "--quiet"]) == 0
