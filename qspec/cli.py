@@ -1,9 +1,10 @@
-"""The `qspec` command: evaluate, report, suites."""
+"""The `qspec` command: evaluate, report, suites, cache."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,9 +29,9 @@ def _evaluate(args) -> int:
 
             cfg = parse_config({**cfg.model_dump(), **overrides}, "command line")
         extra = [Path(p) for p in args.suites_path]
-        suites = [
-            load_suite(name, extra) for name in cfg.suites
-        ]  # validated before any model loads
+        # validated before any model loads
+        suites = [load_suite(name, extra) for name in cfg.suites]
+        _check_hub(suites)
     except (ConfigError, SuiteError) as err:
         print(f"qspec: {err}", file=sys.stderr)
         return 2
@@ -44,10 +45,31 @@ def _evaluate(args) -> int:
             f"\ninterrupted: finished cells are in {out}; continue with --resume {out}",
             file=sys.stderr,
         )
+        try:
+            _print_report(out, None)
+        except Exception as err:  # noqa: BLE001 - the results are safe; the page is a bonus
+            print(f"report not written: {err}", file=sys.stderr)
         return 130
     print(f"results: {out / 'results.jsonl'}")
     _print_report(out, None)
     return status
+
+
+def _check_hub(suites) -> None:
+    """Suites that need the Hugging Face hub fail now, not after the models are built."""
+    from qspec.suites import SuiteError
+
+    needy = [s.name for s in suites if s.requires_hub]
+    if not needy:
+        return
+    from qspec.tasks import hub_reachable
+
+    ok, reason = hub_reachable()
+    if not ok:
+        raise SuiteError(
+            f"suite {needy[0]!r} needs the Hugging Face hub (its tasks and data come from there), "
+            f"which cannot be reached: {reason}. Use the offline 'default' suite or your own."
+        )
 
 
 def _print_report(run_dir: Path, budget) -> None:
@@ -90,6 +112,24 @@ def _suites(args) -> int:
     return 2 if broken else 0
 
 
+def _cache(args) -> int:
+    from qspec import cache
+
+    if args.action == "clear":
+        gone = cache.clear(args.names or None)
+        print(f"removed {len(gone)} entries ({sum(e.bytes for e in gone) / 1024**2:.1f} MiB)")
+        return 0
+    print(cache.describe_entries())
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """transformers' per-load progress bars and notices drown qspec's own progress."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qspec", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -113,10 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--max-ppl-increase-pct", type=float, default=5.0)
     rp.add_argument("--max-accuracy-drop-points", type=float, default=2.0)
     rp.set_defaults(func=_report)
+    ca = sub.add_parser("cache", help="list or clear converted/quantized models in the cache")
+    ca.add_argument("action", choices=["list", "clear"])
+    ca.add_argument("names", nargs="*", help="entries to clear (kind/name or name); default all")
+    ca.set_defaults(func=_cache)
     su = sub.add_parser("suites", help="list every suite found and what it declares")
     su.add_argument("--suites-path", action="append", default=[])
     su.set_defaults(func=_suites)
     args = parser.parse_args(argv)
+    _quiet_libraries()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )

@@ -91,7 +91,7 @@ class TaskSettings(Strict):
     """Task accuracy through lm-eval, and the greedy losslessness check on one generative task."""
 
     enabled: bool = True
-    limit: int | None = Field(default=25, ge=1, description="documents per task (None: all)")
+    limit: int | None = Field(default=20, ge=1, description="documents per task (None: all)")
     lossless_check: Literal["none", "reference", "all"] = "reference"
 
 
@@ -104,12 +104,16 @@ class RunConfig(Strict):
     suites: list[str] = Field(default=["default"], min_length=1)
     seed: int = 0
     max_new_tokens: int = Field(default=32, ge=1, le=4096)
-    max_prompts: int = Field(default=3, ge=1)
+    max_prompts: int = Field(default=2, ge=1)
     warmup: int = Field(default=1, ge=0, description="untimed generations before each cell")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     baselines: list[Literal["target_only", "hf_assisted"]] = ["target_only", "hf_assisted"]
     # transformers' assisted generation is a timing peer; greedy alone keeps CPU runs short
     hf_assisted_modes: list[Literal["greedy", "sample"]] = ["greedy"]
+    hf_assisted_targets: Literal["reference", "all"] = "reference"
+    price_per_device_hour: float | None = Field(
+        default=None, ge=0, description="USD per device-hour; adds cost per million output tokens"
+    )
     quality: QualitySettings = QualitySettings()
     tasks: TaskSettings = TaskSettings()
 

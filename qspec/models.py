@@ -58,8 +58,11 @@ def gguf_path() -> Path:
 
 def convert_default_model() -> Path:
     """Dequantize the packaged GGUF to a safetensors folder once; later calls reuse it."""
+    from qspec import cache
+
     out = cache_root() / "models" / DEFAULT_MODEL
     if (out / "qspec-source.json").exists():
+        cache.touch(out)
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,4 +89,6 @@ def convert_default_model() -> Path:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    cache.touch(out)
+    cache.enforce_limit(keep=out)
     return out

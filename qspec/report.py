@@ -1359,7 +1359,12 @@ def _missing_cells(run: Run) -> list[dict]:
         )
         for c in run.cells
     }
-    planned = [asdict(cell) for cell in plan(cfg, suites)]
+    device = (
+        run.meta.get("hardware", {}).get("device", "cpu")
+        if isinstance(run.meta.get("hardware"), dict)
+        else "cpu"
+    )
+    planned = [asdict(cell) for cell in plan(cfg, suites, device)]
     return [p for p in planned if tuple(p.values()) not in have]
 
 

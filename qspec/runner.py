@@ -36,6 +36,10 @@ from qspec.variants import (
 
 log = logging.getLogger("qspec")
 
+# Tests set this to a function of the Cell that raises (MemoryError, torch.cuda.OutOfMemoryError)
+# to check that one cell's fault is recorded and the run goes on.
+FAULT_HOOK = None
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -55,7 +59,7 @@ class EncodedPrompt:
     max_new_tokens: int
 
 
-def plan(cfg: RunConfig, suite_names: list[str]) -> list[Cell]:
+def plan(cfg: RunConfig, suite_names: list[str], device: str = "cpu") -> list[Cell]:
     """Target-only first for each target and mode: speculative cells need its speed and outputs."""
     cells = []
     for suite in suite_names:
@@ -65,7 +69,10 @@ def plan(cfg: RunConfig, suite_names: list[str]) -> list[Cell]:
                 for draft in cfg.draft.precisions:
                     for gamma in cfg.gammas:
                         cells.append(Cell("speculative", suite, target, draft, gamma, mode))
-                if "hf_assisted" in cfg.baselines and mode in cfg.hf_assisted_modes:
+                peer = cfg.hf_assisted_targets == "all" or target == reference_precision(
+                    cfg.target.precisions, device
+                )
+                if "hf_assisted" in cfg.baselines and mode in cfg.hf_assisted_modes and peer:
                     for draft in cfg.draft.precisions:
                         cells.append(
                             Cell("hf_assisted", suite, target, draft, max(cfg.gammas), mode)
@@ -292,7 +299,7 @@ class RunState:
         run_task_stage(self, progress, self.work_dir)
 
     def run_cells(self, progress: Progress):
-        cells = plan(self.cfg, list(self.suites))
+        cells = plan(self.cfg, list(self.suites), self.device.type)
         prompts = {}
         with progress.task("cells", total=len(cells)) as advance:
             for cell in cells:
@@ -374,6 +381,10 @@ class RunState:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        price = self.cfg.price_per_device_hour
+        if price is not None and record.get("tokens_per_s"):
+            record["usd_per_million_tokens"] = price / 3600 / record["tokens_per_s"] * 1e6
+            record["price_per_device_hour"] = price
         if cell.kind == "target_only" and record["status"] == "ok":
             self.baseline[(cell.suite, cell.target, cell.mode)] = record
         self.write(record)
@@ -387,6 +398,8 @@ class RunState:
         return sampler_for(mode, s.temperature, s.top_k, s.top_p)
 
     def measure(self, cell: Cell, prompts: list[EncodedPrompt]) -> dict:
+        if FAULT_HOOK is not None:
+            FAULT_HOOK(cell)
         target, problem = self.model("target", cell.target)
         if problem:
             raise _Skip(*problem)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qspec import cache
 from qspec.models import cache_root
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -89,12 +90,15 @@ def build_gptq_int4(ctx: BuildContext):
     ]
     out = cache_root() / "gptq" / key
     if (out / "config.json").exists():
-        return _load(ctx)
+        cache.touch(out)
+        return _load(BuildContext(str(out), ctx.device, ctx.trust_remote_code))
     tok = AutoTokenizer.from_pretrained(ctx.location, trust_remote_code=ctx.trust_remote_code)
     quant = GPTQConfig(bits=4, group_size=128, dataset=ctx.calibration_texts, tokenizer=tok)
     model = _load(ctx, quantization_config=quant, dtype=_compute_dtype(ctx))
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    cache.touch(out)
+    cache.enforce_limit(keep=out)
     return model
 
 

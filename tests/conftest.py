@@ -82,6 +82,7 @@ def write_config(path, model_dir, **overrides) -> str:
         "warmup": "0",
         "suites": '["example-custom"]',
         "hf_assisted_modes": '["greedy", "sample"]',
+        "hf_assisted_targets": '"all"',
         **{k: v for k, v in overrides.items() if not k.startswith("_")},
     }
     lines = [f"{k} = {v}" for k, v in body.items()]
