@@ -21,7 +21,7 @@ from qspec.engine import generate, sync
 from qspec.environment import describe, pick_device
 from qspec.metrics import acceptance
 from qspec.models import resolve
-from qspec.runner import spread
+from qspec.runner import prompt_ids, spread
 from qspec.sampling import sampler_for
 from qspec.suites import load_suite
 from qspec.variants import BuildContext, build
@@ -42,17 +42,6 @@ class ForwardTimer:
     def _post(self, *_):
         sync(self.device)
         self.seconds += time.perf_counter() - self._start
-
-
-def encode(tokenizer, prompt, device) -> torch.Tensor:
-    if prompt.messages is not None and tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(
-            prompt.messages, add_generation_prompt=True, tokenize=True
-        )
-        ids = ids if isinstance(ids, list) else ids["input_ids"]
-    else:
-        ids = tokenizer(prompt.prompt or prompt.messages[-1]["content"])["input_ids"]
-    return torch.tensor(ids, device=device)
 
 
 def main() -> None:
@@ -84,7 +73,10 @@ def main() -> None:
             if args.draft == args.target
             else build(args.draft, BuildContext(where.location, device.type))
         )
-    prompts = [encode(tok, p, device) for p in spread(load_suite("default").prompts, args.prompts)]
+    prompts = [
+        torch.tensor(prompt_ids(tok, p), device=device)
+        for p in spread(load_suite("default").prompts, args.prompts)
+    ]
     sampler = sampler_for(args.mode, temperature=1.0)
     t_timer = ForwardTimer(target, device)
     d_timer = (

@@ -98,7 +98,11 @@ class TaskSettings(Strict):
 class RunConfig(Strict):
     target: ModelSpec = ModelSpec(precisions=["fp32", "int8", "nf4"])
     draft: DraftSpec = DraftSpec(precisions=["int8", "nf4", "ngram"])
-    gammas: list[int] = Field(default=[3], min_length=1)
+    # None: a sweep of 1..8 on CUDA, [3] on CPU (where each extra gamma costs minutes)
+    gammas: list[int] | None = Field(default=None, min_length=1)
+    repeats: int = Field(
+        default=1, ge=1, le=100, description="timed passes over the prompts per cell"
+    )
     modes: list[Literal["greedy", "sample"]] = Field(default=["greedy", "sample"], min_length=1)
     sampling: Sampling = Sampling()
     suites: list[str] = Field(default=["default"], min_length=1)
@@ -119,8 +123,8 @@ class RunConfig(Strict):
 
     @field_validator("gammas")
     @classmethod
-    def _sane_gammas(cls, gammas: list[int]) -> list[int]:
-        bad = [g for g in gammas if not 1 <= g <= MAX_GAMMA]
+    def _sane_gammas(cls, gammas: list[int] | None) -> list[int] | None:
+        bad = [g for g in gammas or [] if not 1 <= g <= MAX_GAMMA]
         if bad:
             raise ValueError(f"gamma {bad[0]} out of range (allowed: 1..{MAX_GAMMA})")
         return gammas
@@ -130,6 +134,13 @@ class RunConfig(Strict):
         if "sample" in self.modes and self.sampling.temperature == 0:
             raise ValueError("mode 'sample' needs sampling.temperature > 0 (0 is greedy)")
         return self
+
+
+def resolve_defaults(cfg: RunConfig, device: str) -> RunConfig:
+    """Fill in the defaults that depend on the device the run found."""
+    if cfg.gammas is None:
+        cfg = cfg.model_copy(update={"gammas": list(range(1, 9)) if device == "cuda" else [3]})
+    return cfg
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from qspec import store
-from qspec.config import RunConfig
+from qspec.config import RunConfig, resolve_defaults
 from qspec.drafters import MODEL_FREE_DRAFTERS, ModelDrafter, check_same_tokenizer
 from qspec.engine import Generation, generate
 from qspec.environment import describe, hardware, pick_device, versions
@@ -80,24 +80,32 @@ def plan(cfg: RunConfig, suite_names: list[str], device: str = "cpu") -> list[Ce
     return cells
 
 
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """Token ids of one suite prompt; chat prompts go through the chat template when there is one."""
+    if prompt.messages is not None and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(
+            prompt.messages, add_generation_prompt=True, tokenize=True
+        )
+        return ids if isinstance(ids, list) else ids["input_ids"]
+    if prompt.prompt is not None:
+        return tokenizer(prompt.prompt)["input_ids"]
+    return tokenizer("\n\n".join(m["content"] for m in prompt.messages))["input_ids"]
+
+
 def encode_prompts(tokenizer, suite, cfg: RunConfig, device) -> list[EncodedPrompt]:
-    """Apply the chat template to chat prompts when the tokenizer has one."""
     out = []
     for p in spread(suite.prompts, cfg.max_prompts):
-        if p.messages is not None and tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template(
-                p.messages, add_generation_prompt=True, tokenize=True
-            )
-            if not isinstance(ids, list):
-                ids = ids["input_ids"]
-        else:
-            text = (
-                p.prompt if p.prompt is not None else "\n\n".join(m["content"] for m in p.messages)
-            )
-            ids = tokenizer(text)["input_ids"]
         limit = min(p.max_new_tokens or cfg.max_new_tokens, cfg.max_new_tokens)
-        out.append(EncodedPrompt(p.id, p.category, torch.tensor(ids, device=device), limit))
+        ids = torch.tensor(prompt_ids(tokenizer, p), device=device)
+        out.append(EncodedPrompt(p.id, p.category, ids, limit))
     return out
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def spread(prompts: list, n: int) -> list:
@@ -165,6 +173,8 @@ def run_evaluation(
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     device = pick_device(cfg.device)
+    cfg = resolve_defaults(cfg, device.type)
+    _quiet_transformers()
     torch.manual_seed(cfg.seed)
     run = {
         **environment_record(cfg, device),
@@ -425,16 +435,21 @@ class RunState:
                 target, prompts[0].ids, max_new_tokens=min(8, prompts[0].max_new_tokens), **run
             )
         reset_peak(self.device)
-        gens: list[Generation] = []
-        for i, p in enumerate(prompts):
-            gen_rng = torch.Generator(self.device).manual_seed(self.cfg.seed + i)
-            gens.append(
-                generate(target, p.ids, max_new_tokens=p.max_new_tokens, generator=gen_rng, **run)
-            )
+        timed: list[Generation] = []
+        for _ in range(self.cfg.repeats):  # same seeds each pass: same outputs, more timing samples
+            for i, p in enumerate(prompts):
+                gen_rng = torch.Generator(self.device).manual_seed(self.cfg.seed + i)
+                timed.append(
+                    generate(
+                        target, p.ids, max_new_tokens=p.max_new_tokens, generator=gen_rng, **run
+                    )
+                )
+        gens = timed[: len(prompts)]
         peak, peak_what = peak_bytes(self.device)
         steps = [s for g in gens for s in g.steps]
-        rec = {**acceptance(steps, cell.gamma), **latency(gens)}
+        rec = {**acceptance(steps, cell.gamma), **latency(timed)}
         rec.update(
+            repeats=self.cfg.repeats,
             n_prompts=len(prompts),
             peak_memory_bytes=peak,
             peak_memory_measure=peak_what,

@@ -144,3 +144,11 @@ def test_sigkill_then_resume_reaches_the_same_records(tmp_path, tiny_model_dir):
     ok_full = {k for k, s in _keys(full).items() if s == "ok"}
     ok_resumed = {k for k, s in _keys(killed).items() if s == "ok"}
     assert ok_full == ok_resumed
+
+
+def test_a_suite_that_needs_the_hub_fails_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["evaluate", "--suite", "standard", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "'standard' needs the Hugging Face hub" in err and "HF_HUB_OFFLINE" in err
+    assert not (tmp_path / "o").exists()
