@@ -1340,7 +1340,7 @@ def _missing_cells(run: Run) -> list[dict]:
     """Generation cells the run's config plans (the runner's own plan) that have no record."""
     from dataclasses import asdict
 
-    from qspec.config import ConfigError, parse_config
+    from qspec.config import ConfigError, parse_config, resolve_defaults
     from qspec.runner import plan
 
     try:
@@ -1364,7 +1364,7 @@ def _missing_cells(run: Run) -> list[dict]:
         if isinstance(run.meta.get("hardware"), dict)
         else "cpu"
     )
-    planned = [asdict(cell) for cell in plan(cfg, suites, device)]
+    planned = [asdict(cell) for cell in plan(resolve_defaults(cfg, device), suites, device)]
     return [p for p in planned if tuple(p.values()) not in have]
 
 
