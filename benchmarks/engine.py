@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from qspec.baselines import hf_assisted
+from qspec.baselines import hf_assisted, hf_generate
 from qspec.drafters import MODEL_FREE_DRAFTERS, ModelDrafter
 from qspec.engine import generate, sync
 from qspec.environment import describe, pick_device
@@ -122,36 +122,13 @@ def main() -> None:
 
     def hf_run(gamma):
         def fn(p, n, seed=0):
-            if gamma == 0:
-                ids = p.view(1, -1)
-                sync(device)
-                start = time.perf_counter()
-                kwargs = (
-                    {"do_sample": False}
-                    if sampler.greedy
-                    else {"do_sample": True, "temperature": 1.0, "top_k": 0}
-                )
-                out = target.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=n,
-                    eos_token_id=sorted(eos),
-                    pad_token_id=tok.eos_token_id,
-                    **kwargs,
-                )
-                sync(device)
-                return out.shape[1] - ids.shape[1], time.perf_counter() - start, None
-            toks, secs = hf_assisted(
-                target,
-                p,
-                draft_model=draft_model,
-                gamma=gamma,
-                sampler=sampler,
-                max_new_tokens=n,
-                eos_ids=eos,
-                seed=seed,
-                pad_id=tok.eos_token_id,
+            run = dict(
+                sampler=sampler, max_new_tokens=n, eos_ids=eos, seed=seed, pad_id=tok.eos_token_id
             )
+            if gamma == 0:
+                toks, secs = hf_generate(target, p, **run)
+            else:
+                toks, secs = hf_assisted(target, p, draft_model=draft_model, gamma=gamma, **run)
             return len(toks), secs, None
 
         return fn

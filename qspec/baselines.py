@@ -11,35 +11,22 @@ from qspec.sampling import Sampler
 
 
 @torch.inference_mode()
-def hf_assisted(
+def hf_generate(
     target,
     prompt: torch.Tensor,
     *,
-    draft_model=None,
-    gamma: int,
     sampler: Sampler,
     max_new_tokens: int,
     eos_ids: frozenset[int],
     seed: int,
     pad_id: int | None,
+    **assist,
 ) -> tuple[list[int], float]:
-    """Run model.generate with a constant schedule of exactly gamma drafts; returns (tokens, seconds).
-
-    With draft_model None it uses transformers' own prompt-lookup drafter (the n-gram peer).
-    """
-    kwargs = {}
-    if draft_model is not None:
-        gc = draft_model.generation_config
-        gc.num_assistant_tokens = gamma
-        gc.num_assistant_tokens_schedule = "constant"
-        gc.assistant_confidence_threshold = 0.0
-        kwargs["assistant_model"] = draft_model
-    else:
-        kwargs["prompt_lookup_num_tokens"] = gamma
+    """transformers' generate with the same sampling transform as qspec; returns (tokens, seconds)."""
     if sampler.greedy:
-        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        kwargs = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
     else:
-        kwargs.update(
+        kwargs = dict(
             do_sample=True,
             temperature=sampler.temperature,
             top_k=sampler.top_k,
@@ -56,6 +43,21 @@ def hf_assisted(
         eos_token_id=sorted(eos_ids) or None,
         pad_token_id=pad_id,
         **kwargs,
+        **assist,
     )
     sync(prompt.device)
     return out[0, ids.shape[1] :].tolist(), time.perf_counter() - start
+
+
+def hf_assisted(target, prompt: torch.Tensor, *, draft_model=None, gamma: int, **run):
+    """Assisted generation with a constant schedule of exactly gamma drafts; returns (tokens, seconds).
+
+    With draft_model None it uses transformers' own prompt-lookup drafter (the n-gram peer).
+    """
+    if draft_model is None:
+        return hf_generate(target, prompt, prompt_lookup_num_tokens=gamma, **run)
+    gc = draft_model.generation_config
+    gc.num_assistant_tokens = gamma
+    gc.num_assistant_tokens_schedule = "constant"
+    gc.assistant_confidence_threshold = 0.0
+    return hf_generate(target, prompt, assistant_model=draft_model, **run)

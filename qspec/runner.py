@@ -357,6 +357,8 @@ class RunState:
             "draft_ref": self.cfg.draft.ref,
             "max_new_tokens": self.cfg.max_new_tokens,
             "max_prompts": self.cfg.max_prompts,
+            "warmup": self.cfg.warmup,
+            "repeats": self.cfg.repeats,
             "sampling": self.cfg.sampling.model_dump(),
             "seed": self.cfg.seed,
             "device": self.device.type,
@@ -476,16 +478,20 @@ class RunState:
             rec.update(tau=1.0, step_s=(rec["draft_s"] + rec["verify_s"]) / max(len(steps), 1))
             return rec
         base = self.baseline_for(cell)
-        if base is not None:
-            rec["speedup"] = rec["tokens_per_s"] / base["tokens_per_s"]
-            if cell.mode == "greedy":
-                ref_out = {o["id"]: o["tokens"] for o in base["outputs"]}
-                rec["lossless"] = all(o["tokens"] == ref_out.get(o["id"]) for o in rec["outputs"])
-                rec["lossless_mismatches"] = [
-                    o["id"] for o in rec["outputs"] if o["tokens"] != ref_out.get(o["id"])
-                ]
+        rec.update(self.against_baseline(cell, rec, base))
         rec.update(self.predicted(cell, target, drafter, prompts, rec, base, sampler))
         return rec
+
+    def against_baseline(self, cell: Cell, rec: dict, base: dict | None) -> dict:
+        """Speedup over target-only decoding, and in greedy mode whether the outputs are identical."""
+        if base is None:
+            return {}
+        out = {"speedup": rec["tokens_per_s"] / base["tokens_per_s"]}
+        if cell.mode == "greedy":
+            ref_out = {o["id"]: o["tokens"] for o in base["outputs"]}
+            mismatches = [o["id"] for o in rec["outputs"] if o["tokens"] != ref_out.get(o["id"])]
+            out.update(lossless=not mismatches, lossless_mismatches=mismatches)
+        return out
 
     def predicted(self, cell, target, drafter, prompts, rec, base, sampler) -> dict:
         """Teacher-forced prediction on the text this generation visits: prompt + the target's greedy output."""
@@ -570,12 +576,7 @@ class RunState:
             "peak_memory_bytes": peak,
             "peak_memory_measure": peak_what,
         }
-        base = self.baseline_for(cell)
-        if base is not None:
-            rec["speedup"] = rec["tokens_per_s"] / base["tokens_per_s"]
-            if cell.mode == "greedy":
-                ref_out = {o["id"]: o["tokens"] for o in base["outputs"]}
-                rec["lossless"] = all(o["tokens"] == ref_out.get(o["id"]) for o in outputs)
+        rec.update(self.against_baseline(cell, rec, self.baseline_for(cell)))
         return rec
 
 
