@@ -296,7 +296,7 @@ def lines(panels: list[dict], title: str | None = None) -> str:
 
 def hbars(panels: list[dict], title: str | None = None) -> str:
     """Horizontal bars with an optional upper marker; panel: {title, xlabel, labels, values,
-    upper (optional, e.g. p95), upper_label}."""
+    upper (optional, e.g. p95), upper_label, vline (optional x of a bound), vline_label}."""
     with matplotlib.rc_context(RC):
         n = len(panels)
         rows = max(len(p["labels"]) for p in panels)
@@ -319,6 +319,8 @@ def hbars(panels: list[dict], title: str | None = None) -> str:
                         label=p.get("upper_label", "p95"),
                         zorder=3,
                     )
+            if _finite(p.get("vline")):
+                ax.axvline(p["vline"], color="#555555", lw=1.0, ls="--", label=p.get("vline_label"))
             ax.set_yticks(list(ys), [label(s) for s in p["labels"]])
             ax.invert_yaxis()
             ax.set_title(p["title"])

@@ -31,6 +31,8 @@ MAX_OUTPUT_PROMPTS = 3
 MAX_OUTPUT_CHARS = 1500
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
 SMALL_MODEL_BYTES = 2 * 1024**3
+MAX_VERIFY_ROWS = 12  # above this the roofline table shows one decoding mode's verify rows
+MAX_ROOFLINE_FIGURE_ROWS = 30  # a taller bar chart adds nothing the table lacks
 
 
 @dataclass
@@ -1243,9 +1245,164 @@ def _latency(run: Run) -> dict:
         "rows": [{"c": c, "label": run.label(c)} for c in rows],
         "figures": figures,
         "caption": run.caption(rows),
+        "compile": _compile(run, rows),
         "buckets": [{"i": b, "label": _bucket_label(b)} for b in buckets],
         "bucket_rows": brow,
         "bucket_figure": bfigure,
+    }
+
+
+def _compile_setting(config: dict) -> str | None:
+    """The configured torch.compile choice in words; None when the config predates the key."""
+    if "compile" not in config:
+        return None
+    v = config["compile"]
+    if v is None:
+        return "auto (on for CUDA, off for CPU)"
+    return "on" if v is True else "off" if v is False else text(v)
+
+
+def _compile(run: Run, cells: list[dict]) -> dict:
+    """Whether torch.compile ran per cell and the warm-up seconds it cost: latency never counts
+    them, so the report must say where that time went."""
+    on = [c for c in cells if c.get("compile") is True]
+    off = [c for c in cells if c.get("compile") is False]
+    secs = [num(c.get("compile_s")) for c in on]
+    secs = [s for s in secs if s is not None]
+    unknown = len(cells) - len(on) - len(off)
+    parts = []
+    for n, what in ((len(on), "on"), (len(off), "off"), (unknown, "not recorded")):
+        if n:
+            parts.append(
+                f"{what} for {'all ' if n == len(cells) and n > 1 else ''}{n} cell" + "s" * (n != 1)
+            )
+    return {
+        "recorded": bool(on or off),
+        "any_on": bool(on),
+        "state": ", ".join(parts),
+        "setting": _compile_setting(run.config),
+        "total_s": sum(secs) if secs else None,
+        "max_s": max(secs) if secs else None,
+        "timed": len(secs),
+    }
+
+
+def _bandwidth(run: Run) -> dict | None:
+    """run.json's copy-bandwidth measurement, or None for runs that did not measure it."""
+    bw = run.meta.get("memory_bandwidth")
+    if not isinstance(bw, dict) or num(bw.get("copy_gbps")) is None:
+        return None
+    device = text(bw.get("device")).lower()
+    return {
+        "gbps": num(bw["copy_gbps"]),
+        "buffer_bytes": num(bw.get("buffer_bytes")),
+        "samples": num(bw.get("samples")),
+        "device": device or None,
+        "method": text(bw.get("method")) or None,
+    }
+
+
+def _roofline_row(c: dict, copy_gbps: float | None) -> dict | None:
+    """One forward's achieved weight-read bandwidth; derived numbers fill fields a writer left
+    out, but the record's own figures win (they are what the engine measured)."""
+    r = c.get("roofline")
+    if not isinstance(r, dict):
+        return None
+    nbytes, step = num(r.get("bytes_per_step")), num(r.get("step_s_p50"))
+    achieved = num(r.get("achieved_gbps"))
+    if achieved is None and nbytes is not None and step:
+        achieved = nbytes / step / 1e9
+    bandwidth = num(r.get("bandwidth_gbps"))
+    if bandwidth is None:
+        bandwidth = copy_gbps
+    fraction = num(r.get("fraction"))
+    if fraction is None and achieved is not None and bandwidth:
+        fraction = achieved / bandwidth
+    step_kind = text(r.get("kind")) or ("decode" if c.get("kind") == "target_only" else "verify")
+    verify = step_kind == "verify"
+    return {
+        "c": c,
+        "suite": text(c.get("suite")),
+        "target": text(c.get("target")),
+        "step": step_kind,
+        "draft": text(c.get("draft")) if verify else None,
+        "gamma": c.get("gamma") if verify else None,
+        "mode": text(c.get("mode")),
+        "bytes": nbytes,
+        "step_s": step,
+        "samples": r.get("step_samples"),
+        "achieved": achieved,
+        "bandwidth": bandwidth,
+        "fraction": fraction,
+    }
+
+
+def _roofline(run: Run) -> dict:
+    """Achieved weight-read bandwidth of decode and verify forwards against the measured copy
+    bandwidth: how close each precision gets to the memory bound that speculation exploits."""
+    bw = _bandwidth(run)
+    copy_gbps = bw["gbps"] if bw else None
+    cells = [c for c in run.ok if c.get("kind") in ("target_only", "speculative")]
+    rows = [r for r in (_roofline_row(c, copy_gbps) for c in cells) if r is not None]
+    decode = [r for r in rows if r["step"] != "verify"]
+    verify = [r for r in rows if r["step"] == "verify"]
+    omitted, shown_mode = 0, None
+    if len(verify) > MAX_VERIFY_ROWS:
+        # the (γ+1)-token forward is the same computation in every mode: show one mode's sweep
+        modes = [m for m in run.modes if any(r["mode"] == m for r in verify)]
+        shown_mode = "greedy" if "greedy" in modes else modes[0]
+        omitted = sum(1 for r in verify if r["mode"] != shown_mode)
+        verify = [r for r in verify if r["mode"] == shown_mode]
+    rows = sorted(
+        decode + verify,
+        key=lambda r: (
+            _pos(run.suites, r["suite"]),
+            _pos(run.targets, r["target"]),
+            r["step"] == "verify",
+            _pos(run.modes, r["mode"]),
+            num(r["gamma"]) or 0,
+            _pos(run.drafts, r["draft"]),
+        ),
+    )
+    multi = run.multi_suite()
+    for r in rows:
+        bits = [r["target"], r["step"]]
+        if r["step"] == "verify":
+            bits.append(f"{r['draft']} γ={text(r['gamma'])}")
+        bits.append(r["mode"])
+        r["label"] = (f"[{r['suite']}] " if multi else "") + " ".join(bits)
+    bandwidths = sorted({round(r["bandwidth"], 1) for r in rows if r["bandwidth"] is not None})
+    figure = None
+    if rows and len(rows) <= MAX_ROOFLINE_FIGURE_ROWS:
+        try:
+            figure = plots.hbars(
+                [
+                    {
+                        "title": "achieved GB/s per forward",
+                        "xlabel": "GB/s (weights bytes ÷ median step time)",
+                        "labels": [r["label"] for r in rows],
+                        "values": [r["achieved"] for r in rows],
+                        "value_label": "achieved",
+                        "vline": copy_gbps,
+                        "vline_label": "measured copy bandwidth",
+                    }
+                ]
+            )
+        except Exception as err:  # noqa: BLE001 - the table still carries the numbers
+            log.warning("roofline figure failed: %s", err)
+    device = bw["device"] if bw and bw["device"] else None
+    return {
+        "bandwidth": bw,
+        "rows": rows,
+        "figure": figure,
+        "omitted": omitted,
+        "shown_mode": shown_mode,
+        "multi_suite": multi,
+        "other_bandwidths": [
+            b for b in bandwidths if copy_gbps is None or abs(b - copy_gbps) > 0.05
+        ],
+        "cpu": device == "cpu" if device else run.is_cpu,
+        "caption": run.caption([r["c"] for r in rows]),
     }
 
 
@@ -1434,6 +1591,7 @@ def _metadata(run: Run) -> dict:
                 "started",
                 "finished",
                 "cells_failed",
+                "memory_bandwidth",  # shown in the roofline section
             }
         },
     }
@@ -1446,6 +1604,7 @@ SECTIONS = (
     ("pareto", "Speed, memory and quality", _pareto),
     ("acceptance", "Acceptance", _acceptance),
     ("latency", "Latency", _latency),
+    ("roofline", "Bandwidth roofline", _roofline),
     ("breakdown", "Per suite and category", _breakdown),
     ("definitions", "Definitions", None),
     ("metadata", "Run metadata", _metadata),

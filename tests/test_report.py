@@ -27,6 +27,7 @@ SECTIONS = [
     "pareto",
     "acceptance",
     "latency",
+    "roofline",
     "breakdown",
     "definitions",
     "metadata",
@@ -289,6 +290,119 @@ def test_missing_fields_and_files(tmp_path):
     assert "section-error" not in html
     assert "run.json is missing" in section(html, "failures")
     assert "qspec run" in summary_text(tmp_path)
+
+
+def _roofline(kind: str, nbytes: int, step_s: float, bandwidth: float) -> dict:
+    achieved = nbytes / step_s / 1e9
+    return {
+        "kind": kind,
+        "bytes_per_step": nbytes,
+        "step_s_p50": step_s,
+        "step_samples": 57,
+        "achieved_gbps": achieved,
+        "bandwidth_gbps": bandwidth,
+        "fraction": achieved / bandwidth,
+    }
+
+
+def test_roofline_and_compile(tmp_path):
+    """A run that measured copy bandwidth, per-step roofline and torch.compile shows them all."""
+    meta = json.loads((DATA / "run.json").read_text())
+    meta["memory_bandwidth"] = {
+        "copy_gbps": 12.5,
+        "buffer_bytes": 256 * 1024**2,
+        "samples": 9,
+        "device": "cpu",
+        "method": "median of torch copies of a 256 MiB buffer",
+    }
+    meta["config"]["compile"] = None
+    recs = records(DATA, small=True)
+    expected = {}
+    for i, r in enumerate(recs):
+        if r.get("kind") not in ("target_only", "speculative") or r.get("status") != "ok":
+            continue
+        step = "decode" if r["kind"] == "target_only" else "verify"
+        r["roofline"] = _roofline(step, 540_000_000, 0.1 + 0.01 * i, 12.5)
+        r["compile"] = True
+        r["compile_s"] = 2.0
+        expected[(step, r.get("draft"), r["mode"])] = r["roofline"]
+    save(tmp_path, recs, meta)
+    html = write_report(tmp_path).read_text()
+    assert_self_contained(html)
+    assert "section-error" not in html
+    assert '<a href="#roofline">Bandwidth roofline</a>' in html  # in the table of contents
+    rf = section(html, "roofline")
+    assert "12.5 GB/s" in rf and "256.0 MiB buffer" in rf and "9 samples" in rf
+    assert "median of torch copies of a 256 MiB buffer" in rf
+    assert "CPU: AMD EPYC (2 threads)" in rf
+    assert "weights-only memory-read bound" in rf and "compute-bound" in rf
+    assert "not measured in this run" not in rf
+    assert "<img" in rf  # achieved bandwidth against the copy bandwidth
+    rows = re.findall(r"<tr><td>fp32</td>.*?</tr>", rf, re.S)
+    assert len(rows) == len(expected) == 6  # 2 decode (greedy, sample) + 4 verify
+    for (step, draft, mode), roof in expected.items():
+        row = next(x for x in rows if f"<td>{step}</td><td>{draft or '—'}</td>" in x and mode in x)
+        assert f"{100 * roof['fraction']:.1f}%" in row
+        assert f"{roof['achieved_gbps']:.1f}" in row
+        assert "515.0 MiB" in row and "(57)" in row
+        assert f"{1000 * roof['step_s_p50']:.0f} ms" in row
+    assert "Roofline fraction" in section(html, "definitions")
+    lat = section(html, "latency")
+    assert "torch.compile (excluded)" in lat
+    assert "on for all 6 cells" in lat and "12.00 s in total" in lat
+    assert "excluded from every latency and throughput figure" in lat
+    assert "auto (on for CUDA, off for CPU)" in lat
+    assert "memory_bandwidth" not in section(html, "metadata").split("<h3>Configuration")[0]
+
+
+def test_roofline_many_verify_rows_shows_one_mode(tmp_path):
+    """A γ sweep over drafts and modes keeps the table short: decode rows plus greedy verify."""
+    recs = []
+    for mode in ("greedy", "sample"):
+        base = {"suite": "s", "target": "fp16", "mode": mode, "status": "ok"}
+        recs.append(
+            {
+                **base,
+                "kind": "target_only",
+                "gamma": 0,
+                "roofline": _roofline("decode", 10**9, 0.5, 4.0),
+            }
+        )
+        for draft in ("int8", "int4"):
+            for gamma in range(1, 9):
+                recs.append(
+                    {
+                        **base,
+                        "kind": "speculative",
+                        "draft": draft,
+                        "gamma": gamma,
+                        "roofline": _roofline("verify", 10**9, 0.5 + 0.01 * gamma, 4.0),
+                        "compile": False,
+                        "compile_s": None,
+                    }
+                )
+    save(tmp_path, recs, {"memory_bandwidth": {"copy_gbps": 4.0, "device": "cuda"}})
+    html = write_report(tmp_path).read_text()
+    assert "section-error" not in html
+    rf = section(html, "roofline")
+    assert rf.count("<td>decode</td>") == 2
+    assert rf.count("<td>verify</td>") == 16
+    assert "greedy decoding only; 16 rows of other modes" in rf
+    assert "50.0%" in rf  # decode: 1 GB / 0.5 s / 4 GB/s
+    assert "compute-bound" not in rf  # the CPU caveat is for CPU runs only
+    assert "off for 32 cells, not recorded for 2 cells" in section(html, "latency")
+
+
+def test_roofline_absent_in_older_runs(rendered):
+    """The stored run predates bandwidth, roofline and compile fields: one-line notes instead."""
+    _, _, html = rendered
+    rf = section(html, "roofline")
+    assert "Memory bandwidth: not measured in this run." in rf
+    assert "Per-step roofline: not measured in this run." in rf
+    assert "<table" not in rf
+    lat = section(html, "latency")
+    assert "torch.compile: not recorded in this run." in lat
+    assert "torch.compile (excluded)" not in lat
 
 
 # ----------------------------------------------------------------------------- headless Chromium
