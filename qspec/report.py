@@ -1293,12 +1293,15 @@ def _bandwidth(run: Run) -> dict | None:
     if not isinstance(bw, dict) or num(bw.get("copy_gbps")) is None:
         return None
     device = text(bw.get("device")).lower()
+    method = text(bw.get("method")).strip()
+    if method and method[-1] not in ".!?":
+        method += "."  # shown as a sentence
     return {
         "gbps": num(bw["copy_gbps"]),
         "buffer_bytes": num(bw.get("buffer_bytes")),
         "samples": num(bw.get("samples")),
         "device": device or None,
-        "method": text(bw.get("method")) or None,
+        "method": method or None,
     }
 
 
