@@ -1,8 +1,9 @@
 """Drafters: whatever proposes tokens for the target to verify.
 
-A drafter has three methods: prefill(tokens), propose(tokens, gamma, sampler, generator)
--> (draft ids, draft probabilities or None), and rollback(n) to forget everything past
-the first n tokens. `None` probabilities mean a deterministic proposal (a one-hot q).
+A drafter has three methods: prefill(prompt, capacity, compile), propose(tokens, gamma,
+sampler, generator, history) -> (draft ids, draft probabilities or None), and
+rollback(n) to forget everything past the first n tokens. `tokens` is the sequence on
+the device, `history` the same on the host. `None` probabilities mean a deterministic proposal (a one-hot q).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qspec.kv import forward, new_cache, truncate
+from qspec.kv import new_kv
 from qspec.sampling import Sampler
 
 
@@ -21,28 +22,31 @@ class ModelDrafter:
 
     model: torch.nn.Module
     name: str = "model"
-    cache: object = None
+    kv: object = None
 
-    def prefill(self, tokens: torch.Tensor) -> None:
-        self.cache = new_cache(self.model)
-        if tokens.numel() > 1:
-            forward(self.model, tokens[:-1], self.cache, last_only=True)
+    def prefill(self, tokens: torch.Tensor, capacity: int, compile: bool = False) -> None:
+        """Only allocates: the prompt goes through the draft with the first proposal, which
+        then comes from the same forward (one draft forward fewer per generation)."""
+        self.kv = new_kv(self.model, capacity, compile, slot="draft")
+        self.ids = tokens.new_empty(0)
 
-    def propose(self, tokens, gamma, sampler: Sampler, generator):
-        pending = tokens[self.cache.get_seq_length() :]  # 1 token, or 2 after a fully accepted step
-        ids, probs = [], []
-        for _ in range(gamma):
-            logits = forward(self.model, pending, self.cache, last_only=True)[-1]
-            nxt = sampler.pick(logits, generator)
+    def propose(self, tokens, gamma, sampler: Sampler, generator, history=None):
+        pending = tokens[self.kv.length :]  # the prompt, then 1 token, or 2 after a full accept
+        for i in range(gamma):
+            # only the last position's logits are needed; several pending tokens take the
+            # (never compiled) prefill path, so compiled steps keep their one-token shape
+            logits = self.kv.forward(pending, last_only=pending.numel() > 1)[-1]
+            if i == 0 and self.ids.numel() < gamma:  # buffers reused across steps
+                self.ids = tokens.new_empty(gamma)
+                self.probs = logits.new_empty(gamma, logits.shape[-1], dtype=torch.float32)
+            self.ids[i] = sampler.pick(logits, generator)
             if not sampler.greedy:
-                probs.append(sampler.probs(logits))
-            ids.append(nxt)
-            pending = nxt.view(1)
-        draft = torch.stack(ids) if ids else tokens.new_empty(0)
-        return draft, (torch.stack(probs) if probs else None)
+                self.probs[i] = sampler.probs(logits)
+            pending = self.ids[i : i + 1]
+        return self.ids[:gamma], (None if sampler.greedy else self.probs[:gamma])
 
     def rollback(self, n_tokens: int) -> None:
-        truncate(self.cache, n_tokens)
+        self.kv.rollback(n_tokens)
 
 
 @dataclass
@@ -56,11 +60,11 @@ class NgramDrafter:
     min_ngram: int = 1
     name: str = "ngram"
 
-    def prefill(self, tokens: torch.Tensor) -> None:
+    def prefill(self, tokens: torch.Tensor, capacity: int = 0, compile: bool = False) -> None:
         pass
 
-    def propose(self, tokens, gamma, sampler, generator):
-        seq = tokens.tolist()
+    def propose(self, tokens, gamma, sampler, generator, history=None):
+        seq = history if history is not None else tokens.tolist()
         for n in range(min(self.max_ngram, len(seq) - 1), self.min_ngram - 1, -1):
             tail = seq[-n:]
             for start in range(len(seq) - n - 1, -1, -1):

@@ -1,11 +1,12 @@
 """The speculative decoding loop under measurement.
 
-Each step: the drafter proposes up to gamma tokens, the target scores the last
-emitted token plus all drafts in ONE forward pass, the longest acceptable prefix is
-kept, and one more token comes from the target (the correction after a rejection, or
-the bonus token when every draft was accepted). Both KV caches are then cut back to
-exactly the emitted prefix. gamma = 0 (or no drafter) is plain autoregressive
-decoding through the same code, which makes it the fair baseline.
+The prefill of the prompt gives the first token. Then each step: the drafter proposes
+up to gamma tokens, the target scores the last emitted token plus all drafts in ONE
+forward pass, the longest acceptable prefix is kept, and one more token comes from the
+target (the correction after a rejection, or the bonus token when every draft was
+accepted). Both KV caches then roll back to exactly the emitted prefix. gamma = 0 (or
+no drafter) is plain autoregressive decoding through the same code, which makes it the
+fair baseline.
 
 Sampling follows Leviathan et al. (2023), "Fast Inference from Transformers via
 Speculative Decoding": accept draft x with probability min(1, p(x)/q(x)); on
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qspec.kv import cache_bytes, forward, new_cache, truncate
+from qspec.kv import new_kv
 from qspec.sampling import GREEDY, Sampler
 
 
@@ -43,6 +44,7 @@ class Generation:
     total_s: float = 0.0
     target_kv_bytes: int = 0
     draft_kv_bytes: int = 0
+    kv_path: str = ""  # "static" (pre-allocated, pointer rollback) or "dynamic"
 
 
 def sync(device: torch.device) -> None:
@@ -51,39 +53,42 @@ def sync(device: torch.device) -> None:
 
 
 def accept_greedy(target_logits, draft_ids, draft_probs, sampler, generator):
-    """Accept while each draft equals the target's argmax; the next token is the argmax after them."""
+    """Accept while each draft equals the target's argmax; the argmaxes are also the emitted tokens.
+
+    Returns (n, out) as device tensors: n accepted drafts, and out whose first n + 1 entries
+    are the tokens this step emits (accepted drafts, then the target's own token).
+    """
     best = target_logits.argmax(-1)
     k = draft_ids.numel()
-    matches = (best[:k] == draft_ids).int()
-    n = int(matches.cumprod(0).sum().item()) if k else 0
-    return n, best[n]
+    n = (best[:k] == draft_ids).int().cumprod(0).sum()
+    return n, best
 
 
 def accept_sample(target_logits, draft_ids, draft_probs, sampler, generator):
-    """Leviathan rejection sampling; draft_probs None means a deterministic (one-hot) draft."""
+    """Leviathan rejection sampling on the device; draft_probs None means a one-hot draft."""
     p = sampler.probs(target_logits)  # (k+1, V)
-    k = draft_ids.numel()
-    if k == 0:
-        return 0, torch.multinomial(p[0], 1, generator=generator)[0]
-    rows = torch.arange(k, device=p.device)
-    p_d = p[rows, draft_ids]
-    q_d = draft_probs[rows, draft_ids] if draft_probs is not None else torch.ones_like(p_d)
-    r = torch.rand(k, device=p.device, generator=generator)
-    ok = (r * q_d <= p_d).int()
-    n = int(ok.cumprod(0).sum().item())
-    if n == k:
-        return n, torch.multinomial(p[k], 1, generator=generator)[0]
-    if draft_probs is not None:
-        residual = (p[n] - draft_probs[n]).clamp_min(0)
+    k, vocab = draft_ids.numel(), p.shape[-1]
+    if draft_probs is None:
+        q = torch.nn.functional.one_hot(draft_ids, vocab).to(p.dtype)
     else:
-        residual = p[n].clone()
-        residual[draft_ids[n]] = 0
-    if residual.sum() <= 0:  # p == q exactly: the rejection had probability 0; fall back to p
-        residual = p[n]
-    return n, torch.multinomial(residual / residual.sum(), 1, generator=generator)[0]
+        q = draft_probs.to(p.dtype)
+    p_d = p[:k].gather(1, draft_ids.view(-1, 1)).squeeze(1)
+    q_d = q.gather(1, draft_ids.view(-1, 1)).squeeze(1)
+    r = torch.rand(k, device=p.device, generator=generator)
+    n = (r * q_d <= p_d).int().cumprod(0).sum()
+    # Row n of max(0, p - q); row k (every draft accepted) is p itself, the bonus token.
+    residual = (p - torch.cat([q, q.new_zeros(1, vocab)])).clamp_min(0)
+    row = residual.index_select(0, n.view(1))[0]
+    total = row.sum()
+    # p == q exactly makes the rejection impossible, so that row is never drawn from; keep p there.
+    row = torch.where(total > 0, row / total, p.index_select(0, n.view(1))[0])
+    nxt = torch.multinomial(row, 1, generator=generator)
+    out = torch.cat([draft_ids, nxt])
+    out.index_copy_(0, n.view(1), nxt)
+    return n, out
 
 
-AcceptRule = Callable[..., tuple[int, torch.Tensor]]
+AcceptRule = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @torch.inference_mode()
@@ -98,50 +103,74 @@ def generate(
     eos_ids: frozenset[int] = frozenset(),
     generator: torch.Generator | None = None,
     accept: AcceptRule | None = None,
+    compile: bool = False,
 ) -> Generation:
-    """Generate up to max_new_tokens after a 1-D prompt, speculatively when a drafter is given."""
+    """Generate up to max_new_tokens after a 1-D prompt, speculatively when a drafter is given.
+
+    The hot loop allocates no per-token Python state on the device side: tokens live in one
+    pre-allocated buffer, the caches roll back by moving a pointer, and the only host
+    synchronisation per step is the single transfer of (n accepted, emitted tokens).
+    """
     device = prompt.device
     accept = accept or (accept_greedy if sampler.greedy else accept_sample)
     if drafter is None:
         gamma = 0
+    n_prompt = prompt.numel()
+    capacity = n_prompt + max_new_tokens + gamma + 1
+    history = prompt.tolist()  # host copy, for drafters that work on token lists
     sync(device)
     start = time.perf_counter()
-    cache = new_cache(target)
-    if prompt.numel() > 1:
-        forward(target, prompt[:-1], cache, last_only=True)
+    kv = new_kv(target, capacity, compile)
+    # compiled verify steps keep one shape: always gamma + 1 tokens, the tail past the drafts ignored
+    fixed = compile and kv.path == "static"
+    ids = torch.zeros(capacity, dtype=prompt.dtype, device=device)  # zeros: valid padding ids
+    ids[:n_prompt] = prompt
+    first = sampler.pick(kv.forward(prompt, last_only=True)[-1], generator)
+    ids[n_prompt] = first
     if drafter is not None:
-        drafter.prefill(prompt)
+        drafter.prefill(prompt, capacity, compile)
+    first = int(first)  # the prefill's one host synchronisation
     sync(device)
-    gen = Generation(prompt_len=prompt.numel(), tokens=[], prefill_s=time.perf_counter() - start)
-    tokens = prompt.clone()
-    while len(gen.tokens) < max_new_tokens:
+    gen = Generation(prompt_len=n_prompt, tokens=[first], prefill_s=time.perf_counter() - start)
+    gen.ttft_s = gen.prefill_s
+    gen.kv_path = kv.path
+    history.append(first)
+    length = n_prompt + 1  # ids[:length] is prompt + emitted; the target cache holds length - 1
+    stop = first in eos_ids
+    while not stop and len(gen.tokens) < max_new_tokens:
         t0 = time.perf_counter()
         budget = min(gamma, max_new_tokens - len(gen.tokens) - 1)
+        draft_ids, draft_probs = ids[:0], None
         if budget > 0:
-            draft_ids, draft_probs = drafter.propose(tokens, budget, sampler, generator)
-        else:
-            draft_ids, draft_probs = tokens.new_empty(0), None
+            draft_ids, draft_probs = drafter.propose(
+                ids[:length], budget, sampler, generator, history=history
+            )
+        k = draft_ids.numel()
+        ids[length : length + k] = draft_ids
         sync(device)
         t1 = time.perf_counter()
-        logits = forward(target, torch.cat([tokens[-1:], draft_ids]), cache)
-        n, nxt = accept(logits, draft_ids, draft_probs, sampler, generator)
-        new = torch.cat([draft_ids[:n], nxt.view(1)])
-        truncate(cache, tokens.numel() + n)  # keep prefix + last token + accepted drafts
-        tokens = torch.cat([tokens, new])
+        width = gamma if fixed else k
+        logits = kv.forward(ids[length - 1 : length + width])[: k + 1]
+        n_dev, out = accept(logits, draft_ids, draft_probs, sampler, generator)
+        host = torch.cat([n_dev.view(1), out[: k + 1]]).tolist()  # the step's one sync
+        n = host[0]
+        emitted = host[1 : n + 2]
+        ids[length : length + n + 1] = out[: n + 1]
+        kv.rollback(length + n)  # prefix + the last token + the accepted drafts
+        length += n + 1
+        history.extend(emitted)
         if drafter is not None:
-            drafter.rollback(tokens.numel() - 1)
+            drafter.rollback(length - 1)
         sync(device)
         t2 = time.perf_counter()
-        emitted = new.tolist()
-        if not gen.tokens:
-            gen.ttft_s = t2 - start
-        gen.steps.append(Step(draft_ids.numel(), n, len(emitted), t1 - t0, t2 - t1))
+        gen.steps.append(Step(k, n, len(emitted), t1 - t0, t2 - t1))
         gen.tokens.extend(emitted)
-        stop = next((i for i, t in enumerate(emitted) if t in eos_ids), None)
-        if stop is not None:
-            del gen.tokens[len(gen.tokens) - len(emitted) + stop + 1 :]
-            break
+        hit = next((i for i, t in enumerate(emitted) if t in eos_ids), None)
+        if hit is not None:
+            del gen.tokens[len(gen.tokens) - len(emitted) + hit + 1 :]
+            stop = True
     gen.total_s = time.perf_counter() - start
-    gen.target_kv_bytes = cache_bytes(cache)
-    gen.draft_kv_bytes = cache_bytes(getattr(drafter, "cache", None))
+    gen.target_kv_bytes = kv.nbytes()
+    draft_kv = getattr(drafter, "kv", None)
+    gen.draft_kv_bytes = draft_kv.nbytes() if draft_kv is not None else 0
     return gen

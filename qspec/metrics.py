@@ -73,7 +73,7 @@ def latency(generations) -> dict:
     for g in generations:
         ttft.append(g.ttft_s)
         e2e.append(g.total_s)
-        for s in g.steps[1:]:  # the first step is part of TTFT
+        for s in g.steps:  # the first token comes from the prefill, which is TTFT
             per_token.extend([(s.draft_s + s.verify_s) / s.emitted] * s.emitted)
     return {
         "tokens": tokens,

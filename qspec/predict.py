@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from qspec.kv import forward, new_cache
 from qspec.sampling import Sampler
 
 
@@ -31,7 +30,7 @@ def beta_deterministic(
 @torch.inference_mode()
 def teacher_forced_logits(model, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Logits predicting ids[start:], from one forward pass over ids[:-1]."""
-    logits = forward(model, ids[:-1], new_cache(model))
+    logits = model(input_ids=ids[:-1].view(1, -1), use_cache=False).logits[0]
     return logits[start - 1 :]
 
 

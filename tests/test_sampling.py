@@ -1,7 +1,7 @@
 """Speculative sampling must emit exactly the target's distribution (Leviathan et al. 2023, Thm 1).
 
-A tiny model with a 6-token vocabulary makes the exact distribution of the first two
-emitted tokens computable, so a chi-square test with a fixed seed can compare it with
+A tiny model with a 6-token vocabulary makes the exact joint distribution of the two
+tokens after the first (those of the first speculative step) computable, so a chi-square test with a fixed seed can compare it with
 the empirical distribution from many speculative generations.
 """
 
@@ -31,13 +31,23 @@ def models():
 
 
 def exact_pair_distribution(target, sampler: Sampler) -> torch.Tensor:
-    """P(t1, t2) = p(t1 | prompt) * p(t2 | prompt, t1) under the sampler's transform."""
+    """P(t2, t3) = sum over t1 of p(t1) p(t2 | t1) p(t3 | t1, t2) under the sampler's transform.
+
+    The first token comes from the prefill; tokens 2 and 3 come from the first speculative
+    step (a draft, then the bonus token or the correction), so their joint law is the test.
+    """
+
+    def probs(*tokens: int) -> torch.Tensor:
+        ids = torch.cat([PROMPT, torch.tensor(tokens, dtype=PROMPT.dtype)]).view(1, -1)
+        return sampler.probs(target(ids).logits[0, -1])
+
+    table = torch.zeros(VOCAB, VOCAB)
     with torch.inference_mode():
-        first = sampler.probs(target(PROMPT.view(1, -1)).logits[0, -1])
-        table = torch.zeros(VOCAB, VOCAB)
+        first = probs()
         for t1 in range(VOCAB):
-            ids = torch.cat([PROMPT, torch.tensor([t1])]).view(1, -1)
-            table[t1] = first[t1] * sampler.probs(target(ids).logits[0, -1])
+            second = probs(t1)
+            for t2 in range(VOCAB):
+                table[t2] += first[t1] * second[t2] * probs(t1, t2)
     return table.flatten()
 
 
@@ -51,11 +61,11 @@ def empirical_pairs(target, make_drafter, sampler, accept=None) -> torch.Tensor:
             drafter=make_drafter(),
             gamma=3,
             sampler=sampler,
-            max_new_tokens=2,
+            max_new_tokens=3,
             generator=rng,
             accept=accept,
         )
-        counts[gen.tokens[0] * VOCAB + gen.tokens[1]] += 1
+        counts[gen.tokens[1] * VOCAB + gen.tokens[2]] += 1
     return counts
 
 
@@ -99,12 +109,14 @@ def broken_accept(target_logits, draft_ids, draft_probs, sampler, generator):
     p = sampler.probs(target_logits)
     k = draft_ids.numel()
     if k == 0:
-        return 0, torch.multinomial(p[0], 1, generator=generator)[0]
+        return torch.tensor(0), torch.multinomial(p[0], 1, generator=generator)
     rows = torch.arange(k)
     r = torch.rand(k, generator=generator)
-    ok = (r * draft_probs[rows, draft_ids] <= p[rows, draft_ids]).int()
-    n = int(ok.cumprod(0).sum())
-    return n, torch.multinomial(p[n], 1, generator=generator)[0]
+    n = (r * draft_probs[rows, draft_ids] <= p[rows, draft_ids]).int().cumprod(0).sum()
+    nxt = torch.multinomial(p[n], 1, generator=generator)
+    out = torch.cat([draft_ids, nxt])
+    out[n] = nxt[0]
+    return n, out
 
 
 def test_a_broken_acceptance_rule_fails_the_same_test(models):
