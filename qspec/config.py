@@ -110,6 +110,9 @@ class RunConfig(Strict):
     max_new_tokens: int = Field(default=32, ge=1, le=4096)
     max_prompts: int = Field(default=2, ge=1)
     warmup: int = Field(default=1, ge=0, description="untimed generations before each cell")
+    # torch.compile of the one-token draft step and the (gamma+1)-token verify step.
+    # None: on for CUDA (with CUDA graphs), off for CPU, where compiling costs more than it saves.
+    compile: bool | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     baselines: list[Literal["target_only", "hf_assisted"]] = ["target_only", "hf_assisted"]
     # transformers' assisted generation is a timing peer; greedy alone keeps CPU runs short
@@ -140,6 +143,8 @@ def resolve_defaults(cfg: RunConfig, device: str) -> RunConfig:
     """Fill in the defaults that depend on the device the run found."""
     if cfg.gammas is None:
         cfg = cfg.model_copy(update={"gammas": list(range(1, 9)) if device == "cuda" else [3]})
+    if cfg.compile is None:
+        cfg = cfg.model_copy(update={"compile": device == "cuda"})
     return cfg
 
 

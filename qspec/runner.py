@@ -25,6 +25,7 @@ from qspec.metrics import acceptance, expected_acceptance_rate, expected_tau, la
 from qspec.models import ResolvedModel, resolve
 from qspec.predict import on_policy_beta
 from qspec.progress import Progress
+from qspec.roofline import copy_bandwidth, roofline
 from qspec.sampling import Sampler, sampler_for
 from qspec.variants import (
     BuildContext,
@@ -178,6 +179,8 @@ def run_evaluation(
     torch.manual_seed(cfg.seed)
     run = {
         **environment_record(cfg, device),
+        # the roofline's bound: what this device sustains, measured before any model loads
+        "memory_bandwidth": copy_bandwidth(device),
         "suites": [s.name for s in suites],
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -187,6 +190,7 @@ def run_evaluation(
     if not resume and results.exists():
         results.unlink()
     state = RunState(cfg, device, suites, results, previous)
+    state.bandwidth = run["memory_bandwidth"]
     try:
         state.run_all(Progress(quiet=quiet))
         run["status"] = "complete" if not state.failed else "partial"
@@ -213,6 +217,7 @@ class RunState:
         self.baseline: dict[tuple, dict] = {}
         self.model_errors: dict[str, str] = {}
         self.model_free = MODEL_FREE_DRAFTERS
+        self.bandwidth: dict | None = None  # copy bandwidth for the roofline (run.json)
         self.work_dir = results.parent
 
     def base_key(self) -> dict:
@@ -359,6 +364,7 @@ class RunState:
             "max_prompts": self.cfg.max_prompts,
             "warmup": self.cfg.warmup,
             "repeats": self.cfg.repeats,
+            "compile": self.cfg.compile,
             "sampling": self.cfg.sampling.model_dump(),
             "seed": self.cfg.seed,
             "device": self.device.type,
@@ -431,11 +437,18 @@ class RunState:
 
     def measure_engine(self, cell: Cell, target, drafter, prompts) -> dict:
         sampler = self.sampler(cell.mode)
-        run = dict(drafter=drafter, gamma=cell.gamma, sampler=sampler, eos_ids=self.eos)
-        for _ in range(self.cfg.warmup):
+        compile = bool(self.cfg.compile)
+        run = dict(
+            drafter=drafter, gamma=cell.gamma, sampler=sampler, eos_ids=self.eos, compile=compile
+        )
+        # Compilation happens in the first warm-up; it is timed here and never counted as latency.
+        warmup_s = []
+        for _ in range(max(self.cfg.warmup, 1 if compile else 0)):
+            t = time.perf_counter()
             generate(
                 target, prompts[0].ids, max_new_tokens=min(8, prompts[0].max_new_tokens), **run
             )
+            warmup_s.append(time.perf_counter() - t)
         reset_peak(self.device)
         timed: list[Generation] = []
         for _ in range(self.cfg.repeats):  # same seeds each pass: same outputs, more timing samples
@@ -453,6 +466,10 @@ class RunState:
         rec.update(
             repeats=self.cfg.repeats,
             n_prompts=len(prompts),
+            compile=compile,
+            # first warm-up generation (8 tokens) including compilation; None when not compiled
+            compile_s=warmup_s[0] if compile else None,
+            kv_cache=gens[0].kv_path,
             peak_memory_bytes=peak,
             peak_memory_measure=peak_what,
             target_kv_bytes=max(g.target_kv_bytes for g in gens),
@@ -474,9 +491,15 @@ class RunState:
             "weights_bytes"
         )
         rec["target_weights_bytes"] = weights
+        all_steps = [s for g in timed for s in g.steps]
         if cell.kind == "target_only":
+            rec["roofline"] = roofline(
+                "decode", weights, [s.draft_s + s.verify_s for s in all_steps], self.bandwidth
+            )
             rec.update(tau=1.0, step_s=(rec["draft_s"] + rec["verify_s"]) / max(len(steps), 1))
             return rec
+        verify = [s.verify_s for s in all_steps if s.drafted]
+        rec["roofline"] = roofline("verify", weights, verify, self.bandwidth)
         base = self.baseline_for(cell)
         rec.update(self.against_baseline(cell, rec, base))
         rec.update(self.predicted(cell, target, drafter, prompts, rec, base, sampler))

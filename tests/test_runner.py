@@ -46,6 +46,15 @@ def test_evaluate_covers_every_pairing(tmp_path, tiny_model_dir):
     assert variants["nf4"]["weights_bytes"] < variants["fp32"]["weights_bytes"]
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "complete" and run["versions"]["torch"] and run["seed"] == 0
+    # the lean path on CPU: static caches, no compile; a roofline against the measured bandwidth
+    assert run["memory_bandwidth"]["copy_gbps"] > 0
+    base = [r for r in recs if r["kind"] == "target_only"]
+    for r in base + gen:
+        assert r["kv_cache"] == "static" and r["compile"] is False and r["compile_s"] is None
+    for r in base:
+        assert r["roofline"]["kind"] == "decode" and r["roofline"]["fraction"] > 0
+        assert r["roofline"]["bandwidth_gbps"] == run["memory_bandwidth"]["copy_gbps"]
+    assert any(r["roofline"] and r["roofline"]["kind"] == "verify" for r in gen)
 
 
 def test_an_unloadable_draft_fails_its_cells_and_the_run_goes_on(tmp_path, tiny_model_dir):
