@@ -3,14 +3,22 @@
 For one pairing and each gamma it prints qspec's speculative tokens/s, transformers'
 assisted generation tokens/s, target-only tokens/s through qspec and through
 transformers' generate, the ratios between them, and qspec's per-step overhead
-(step wall time minus the time spent inside the two models' forward calls).
+(step wall time minus the time spent inside the two models' forward calls). It also
+prints the bandwidth roofline: the device's measured copy bandwidth, and the fraction of
+it that target-only decode steps and verify steps reach when reading the weights.
+
+qspec and transformers run alternately, prompt by prompt, so drift in the machine's
+speed (other tenants, clocks) lands on both. Compilation (--compile) happens in the
+untimed warm-up and is printed on its own line.
 
     python benchmarks/engine.py --target fp32 --draft nf4 --gammas 1 2 4
+    python benchmarks/engine.py --target fp16 --draft fp16 --compile on   # CUDA
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -21,10 +29,11 @@ from qspec.engine import generate, sync
 from qspec.environment import describe, pick_device
 from qspec.metrics import acceptance
 from qspec.models import resolve
+from qspec.roofline import copy_bandwidth, roofline
 from qspec.runner import prompt_ids, spread
 from qspec.sampling import sampler_for
 from qspec.suites import load_suite
-from qspec.variants import BuildContext, build
+from qspec.variants import BuildContext, build, weight_bytes
 
 
 class ForwardTimer:
@@ -32,19 +41,22 @@ class ForwardTimer:
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.seconds, self._start, self.device = 0.0, 0.0, device
+        self.on = False  # counts only while qspec runs, not while transformers does
         model.register_forward_pre_hook(self._pre)
         model.register_forward_hook(self._post)
 
     def _pre(self, *_):
-        sync(self.device)
-        self._start = time.perf_counter()
+        if self.on:
+            sync(self.device)
+            self._start = time.perf_counter()
 
     def _post(self, *_):
-        sync(self.device)
-        self.seconds += time.perf_counter() - self._start
+        if self.on:
+            sync(self.device)
+            self.seconds += time.perf_counter() - self._start
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -55,13 +67,21 @@ def main() -> None:
     ap.add_argument("--mode", default="greedy", choices=["greedy", "sample"])
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=2, help="timed repetitions (after one warm-up)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed passes over the prompts")
     ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--compile", default="auto", choices=["auto", "on", "off"], help="auto: on for CUDA"
+    )
+    return ap.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     from transformers import AutoTokenizer
 
     device = pick_device(args.device)
+    compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    bandwidth = copy_bandwidth(device)
     where = resolve(args.model)
     tok = AutoTokenizer.from_pretrained(where.location)
     eos = frozenset([tok.eos_token_id])
@@ -78,35 +98,18 @@ def main() -> None:
         for p in spread(load_suite("default").prompts, args.prompts)
     ]
     sampler = sampler_for(args.mode, temperature=1.0)
-    t_timer = ForwardTimer(target, device)
-    d_timer = (
-        ForwardTimer(draft_model, device)
-        if draft_model is not None and draft_model is not target
-        else None
-    )
+    timers = [ForwardTimer(target, device)]
+    if draft_model is not None and draft_model is not target:
+        timers.append(ForwardTimer(draft_model, device))
 
     def new_drafter():
         if draft_model is None:
             return MODEL_FREE_DRAFTERS[args.draft]()
         return ModelDrafter(draft_model)
 
-    def timed(fn) -> tuple[float, int, list]:
-        fn(prompts[0], 8)  # warm-up, not counted
-        for timer in (t_timer, d_timer):
-            if timer is not None:
-                timer.seconds = 0.0
-        seconds, tokens, extra = 0.0, 0, []
-        for _ in range(args.repeats):
-            for i, p in enumerate(prompts):
-                n, secs, info = fn(p, args.max_new_tokens, seed=i)
-                tokens += n
-                seconds += secs
-                extra.append(info)
-        return tokens / seconds, tokens, extra
-
     def qspec_run(gamma):
         def fn(p, n, seed=0):
-            g = generate(
+            return generate(
                 target,
                 p,
                 drafter=new_drafter() if gamma else None,
@@ -115,8 +118,8 @@ def main() -> None:
                 max_new_tokens=n,
                 eos_ids=eos,
                 generator=torch.Generator(device).manual_seed(seed),
+                compile=compile,
             )
-            return len(g.tokens), g.total_s, g
 
         return fn
 
@@ -126,40 +129,84 @@ def main() -> None:
                 sampler=sampler, max_new_tokens=n, eos_ids=eos, seed=seed, pad_id=tok.eos_token_id
             )
             if gamma == 0:
-                toks, secs = hf_generate(target, p, **run)
-            else:
-                toks, secs = hf_assisted(target, p, draft_model=draft_model, gamma=gamma, **run)
-            return len(toks), secs, None
+                return hf_generate(target, p, **run)
+            return hf_assisted(target, p, draft_model=draft_model, gamma=gamma, **run)
 
         return fn
 
+    def compare(gamma):
+        """Alternate qspec and transformers prompt by prompt; returns (qspec gens, tok/s, hf tok/s, compile s)."""
+        ours, theirs = qspec_run(gamma), hf_run(gamma)
+        t = time.perf_counter()
+        ours(prompts[0], 8)  # warm-up (and compilation), not counted
+        compile_s = time.perf_counter() - t
+        theirs(prompts[0], 8)
+        for timer in timers:
+            timer.seconds = 0.0
+        gens, hf_tokens, hf_seconds = [], 0, 0.0
+        for _ in range(args.repeats):
+            for i, p in enumerate(prompts):
+                for timer in timers:
+                    timer.on = True
+                gens.append(ours(p, args.max_new_tokens, seed=i))
+                for timer in timers:
+                    timer.on = False
+                toks, secs = theirs(p, args.max_new_tokens, seed=i)
+                hf_tokens, hf_seconds = hf_tokens + len(toks), hf_seconds + secs
+        q_tps = sum(len(g.tokens) for g in gens) / sum(g.total_s for g in gens)
+        return gens, q_tps, hf_tokens / hf_seconds, compile_s
+
+    weights = weight_bytes(target)
     print(
         f"# {describe(device)} | model {args.model} | target {args.target} | draft {args.draft} | "
-        f"mode {args.mode} | {len(prompts)} prompts x {args.max_new_tokens} new tokens x {args.repeats} repeats"
-    )
-    base_q, _, _ = timed(qspec_run(0))
-    base_hf, _, _ = timed(hf_run(0))
-    print(
-        f"target-only tokens/s: qspec {base_q:.2f} | transformers generate {base_hf:.2f} | ratio {base_q / base_hf:.2f}"
+        f"mode {args.mode} | compile {'on' if compile else 'off'} | {len(prompts)} prompts x "
+        f"{args.max_new_tokens} new tokens x {args.repeats} repeats"
     )
     print(
-        "gamma | qspec tok/s | hf assisted tok/s | qspec/hf | qspec speedup | hf speedup | alpha | tau | overhead"
+        f"# copy bandwidth {bandwidth['copy_gbps']:.1f} GB/s ({bandwidth['method']}); "
+        f"target weights {weights / 2**20:.1f} MiB"
+    )
+    base_gens, base_q, base_hf, compile_s = compare(0)
+    decode = roofline(
+        "decode", weights, [s.verify_s for g in base_gens for s in g.steps], bandwidth
+    )
+    print(
+        f"target-only tokens/s: qspec {base_q:.2f} | transformers generate {base_hf:.2f} | "
+        f"ratio {base_q / base_hf:.2f} | kv cache {base_gens[0].kv_path}"
+    )
+    print(
+        f"target-only decode step p50 {decode['step_s_p50'] * 1e3:.2f} ms over "
+        f"{decode['step_samples']} steps: {decode['achieved_gbps']:.1f} GB/s of weights = "
+        f"{decode['fraction']:.1%} of copy bandwidth"
+    )
+    compile_times = [("target-only", compile_s)]
+    print(
+        "gamma | qspec tok/s | hf assisted tok/s | qspec/hf | qspec speedup | hf speedup | "
+        "alpha | tau | overhead | verify p50 ms | verify roofline"
     )
     for gamma in args.gammas:
-        spec_q, _, gens = timed(qspec_run(gamma))
-        forward_s = t_timer.seconds + (d_timer.seconds if d_timer else 0.0)
+        gens, spec_q, spec_hf, compile_s = compare(gamma)
+        compile_times.append((f"gamma {gamma}", compile_s))
+        forward_s = sum(t.seconds for t in timers)
         steps = [s for g in gens for s in g.steps]
-        step_s = sum(s.draft_s + s.verify_s for s in steps)
-        prefill_s = sum(g.prefill_s for g in gens)
-        overhead = 1 - forward_s / (step_s + prefill_s) if step_s else float("nan")
+        wall = sum(s.draft_s + s.verify_s for s in steps) + sum(g.prefill_s for g in gens)
+        overhead = 1 - forward_s / wall if wall else float("nan")
         stats = acceptance(steps, gamma)
-        spec_hf, _, _ = timed(hf_run(gamma))
+        verify = roofline("verify", weights, [s.verify_s for s in steps if s.drafted], bandwidth)
         alpha = stats["alpha_measured"]
         print(
-            f"{gamma:5d} | {spec_q:11.2f} | {spec_hf:17.2f} | {spec_q / spec_hf:8.2f} | {spec_q / base_q:13.2f} | "
-            f"{spec_hf / base_hf:10.2f} | {alpha if alpha is not None else float('nan'):.3f} | "
-            f"{stats['tau']:.2f} | {overhead:7.1%}"
+            f"{gamma:5d} | {spec_q:11.2f} | {spec_hf:17.2f} | {spec_q / spec_hf:8.2f} | "
+            f"{spec_q / base_q:13.2f} | {spec_hf / base_hf:10.2f} | "
+            f"{alpha if alpha is not None else float('nan'):.3f} | {stats['tau']:.2f} | "
+            f"{overhead:8.1%} | {verify['step_s_p50'] * 1e3 if verify else float('nan'):13.2f} | "
+            f"{verify['fraction'] if verify else float('nan'):15.1%}"
         )
+    label = "compile + first 8-token warm-up" if compile else "first 8-token warm-up (eager)"
+    print(
+        f"# {label}, never in the figures above: "
+        + ", ".join(f"{name} {s:.1f} s" for name, s in compile_times)
+        + f" (median {statistics.median(s for _, s in compile_times):.1f} s)"
+    )
 
 
 if __name__ == "__main__":
