@@ -442,12 +442,21 @@ class RunState:
             drafter=drafter, gamma=cell.gamma, sampler=sampler, eos_ids=self.eos, compile=compile
         )
         # Compilation happens in the first warm-up; it is timed here and never counted as latency.
-        warmup_s = []
+        # A model torch.compile cannot handle (a quantization kernel it cannot trace, say) is
+        # measured eagerly instead, and the record says why.
+        warmup_s, compile_error = [], None
         for _ in range(max(self.cfg.warmup, 1 if compile else 0)):
             t = time.perf_counter()
-            generate(
-                target, prompts[0].ids, max_new_tokens=min(8, prompts[0].max_new_tokens), **run
-            )
+            try:
+                generate(
+                    target, prompts[0].ids, max_new_tokens=min(8, prompts[0].max_new_tokens), **run
+                )
+            except Exception as err:  # noqa: BLE001
+                if not run["compile"]:
+                    raise
+                compile_error = f"{type(err).__name__}: {err}"[:500]
+                log.warning("torch.compile failed for %s; measuring eagerly: %s", cell, err)
+                compile = run["compile"] = False
             warmup_s.append(time.perf_counter() - t)
         reset_peak(self.device)
         timed: list[Generation] = []
@@ -469,6 +478,7 @@ class RunState:
             compile=compile,
             # first warm-up generation (8 tokens) including compilation; None when not compiled
             compile_s=warmup_s[0] if compile else None,
+            compile_error=compile_error,
             kv_cache=gens[0].kv_path,
             peak_memory_bytes=peak,
             peak_memory_measure=peak_what,

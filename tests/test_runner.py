@@ -161,3 +161,35 @@ def test_a_suite_that_needs_the_hub_fails_before_any_model_loads(tmp_path, capsy
     err = capsys.readouterr().err
     assert "'standard' needs the Hugging Face hub" in err and "HF_HUB_OFFLINE" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_model_torch_compile_cannot_handle_is_measured_eagerly(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """compile = true must never lose a cell: the failure is recorded and timing goes on eagerly."""
+    import qspec.kv
+
+    def broken(model):
+        def step(*args, **kwargs):
+            raise RuntimeError("inductor cannot trace this kernel")
+
+        return step
+
+    monkeypatch.setattr(qspec.kv, "compiled_step", broken)
+    cfg = write_config(
+        tmp_path / "c.toml",
+        tiny_model_dir,
+        compile="true",
+        modes='["greedy"]',
+        baselines='["target_only"]',
+        _target='precisions = ["fp32"]',
+        _draft='precisions = ["ngram"]',
+    )
+    out = tmp_path / "run"
+    assert main(["evaluate", "--config", cfg, "--out", str(out), "--quiet"]) == 0
+    engine = [r for r in records(out) if r["kind"] in ("target_only", "speculative")]
+    assert {r["kind"] for r in engine} == {"target_only", "speculative"}
+    for r in engine:
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0
+        assert r["compile"] is False and r["compile_s"] is None
+        assert "inductor cannot trace this kernel" in r["compile_error"]
