@@ -587,3 +587,15 @@ def test_chromium_renders_offline_without_errors(rendered, tmp_path):
         and e["params"]["entry"].get("level") in ("error", "warning")
     ]
     assert not errors, errors
+
+
+def test_a_failed_compile_is_shown_next_to_its_cell(tmp_path):
+    meta = json.loads((DATA / "run.json").read_text())
+    recs = records(DATA, small=True)
+    cells = [r for r in recs if r.get("kind") == "target_only" and r.get("status") == "ok"]
+    for r in cells:
+        r.update(compile=False, compile_s=None, compile_error="Unsupported: <b>bnb</b> kernel")
+    save(tmp_path, recs, meta)
+    lat = section(write_report(tmp_path).read_text(), "latency")
+    assert lat.count("compile failed: Unsupported: &lt;b&gt;bnb&lt;/b&gt; kernel") == len(cells)
+    assert "<b>bnb</b>" not in lat
