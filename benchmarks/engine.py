@@ -13,6 +13,11 @@ untimed warm-up and is printed on its own line.
 
     python benchmarks/engine.py --target fp32 --draft nf4 --gammas 1 2 4
     python benchmarks/engine.py --target fp16 --draft fp16 --compile on   # CUDA
+    python benchmarks/engine.py --random 1b --target fp16 --draft fp16     # speed only
+
+--random builds a Llama of a realistic size with random weights (saved once under
+$QSPEC_CACHE/random/), for speed and roofline figures where real weights of that size
+cannot be downloaded. Its acceptance means nothing except with a self-draft.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from qspec.drafters import MODEL_FREE_DRAFTERS, ModelDrafter
 from qspec.engine import generate, sync
 from qspec.environment import describe, pick_device
 from qspec.metrics import acceptance
-from qspec.models import resolve
+from qspec.models import cache_root, resolve
 from qspec.roofline import copy_bandwidth, roofline
 from qspec.runner import prompt_ids, spread
 from qspec.sampling import sampler_for
@@ -56,6 +61,41 @@ class ForwardTimer:
             self.seconds += time.perf_counter() - self._start
 
 
+# Llama-family shapes (hidden, intermediate, layers, heads, kv heads) of common sizes; the
+# vocabulary is the default model's, so its tokenizer encodes the prompts.
+RANDOM_SHAPES = {
+    "1b": (2048, 8192, 16, 32, 8),
+    "3b": (3072, 8192, 28, 24, 8),
+    "8b": (4096, 14336, 32, 32, 8),
+}
+
+
+def random_model_dir(size: str, tokenizer_dir: str) -> str:
+    """A random-weight Llama of the given size on disk (built once), with the default tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = cache_root() / "random" / f"llama-{size}"
+    if not (out / "config.json").exists():
+        hidden, inter, layers, heads, kv = RANDOM_SHAPES[size]
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        cfg = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            max_position_embeddings=4096,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            torch_dtype="float16",
+        )
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).half().save_pretrained(out)
+        tok.save_pretrained(out)
+    return str(out)
+
+
 def parse_args():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -69,6 +109,7 @@ def parse_args():
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2, help="timed passes over the prompts")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--random", choices=sorted(RANDOM_SHAPES), help="random weights (speed only)")
     ap.add_argument(
         "--compile", default="auto", choices=["auto", "on", "off"], help="auto: on for CUDA"
     )
@@ -82,16 +123,21 @@ def main() -> None:
     device = pick_device(args.device)
     compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     bandwidth = copy_bandwidth(device)
-    where = resolve(args.model)
-    tok = AutoTokenizer.from_pretrained(where.location)
+    location = resolve(args.model).location
+    if args.random:
+        location, args.model = (
+            random_model_dir(args.random, location),
+            f"random llama-{args.random}",
+        )
+    tok = AutoTokenizer.from_pretrained(location)
     eos = frozenset([tok.eos_token_id])
-    target = build(args.target, BuildContext(where.location, device.type))
+    target = build(args.target, BuildContext(location, device.type))
     draft_model = None
     if args.draft not in MODEL_FREE_DRAFTERS:
         draft_model = (
             target
             if args.draft == args.target
-            else build(args.draft, BuildContext(where.location, device.type))
+            else build(args.draft, BuildContext(location, device.type))
         )
     prompts = [
         torch.tensor(prompt_ids(tok, p), device=device)
@@ -162,6 +208,8 @@ def main() -> None:
         f"mode {args.mode} | compile {'on' if compile else 'off'} | {len(prompts)} prompts x "
         f"{args.max_new_tokens} new tokens x {args.repeats} repeats"
     )
+    if args.random:
+        print("# RANDOM WEIGHTS: speed and roofline only; acceptance is meaningless here")
     print(
         f"# copy bandwidth {bandwidth['copy_gbps']:.1f} GB/s ({bandwidth['method']}); "
         f"target weights {weights / 2**20:.1f} MiB"
