@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -209,6 +211,9 @@ def test_one_host_synchronisation_per_step(target_model, draft_model, mode):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler"
+)
 @pytest.mark.parametrize("drafter_kind", ["none", "model", "ngram"])
 def test_compiled_steps_give_the_same_tokens(target_model, draft_model, drafter_kind):
     """torch.compile (inductor on CPU) of the draft and verify steps is lossless too."""
