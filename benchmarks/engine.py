@@ -144,9 +144,11 @@ def main() -> None:
         for p in spread(load_suite("default").prompts, args.prompts)
     ]
     sampler = sampler_for(args.mode, temperature=1.0)
-    timers = [ForwardTimer(target, device)]
-    if draft_model is not None and draft_model is not target:
+    # Hooks inside a compiled graph would break it, so compiled runs report no overhead.
+    timers = [] if compile else [ForwardTimer(target, device)]
+    if not compile and draft_model is not None and draft_model is not target:
         timers.append(ForwardTimer(draft_model, device))
+    capacity = max(p.numel() for p in prompts) + args.max_new_tokens + max(args.gammas) + 1
 
     def new_drafter():
         if draft_model is None:
@@ -165,6 +167,7 @@ def main() -> None:
                 eos_ids=eos,
                 generator=torch.Generator(device).manual_seed(seed),
                 compile=compile,
+                capacity=capacity,
             )
 
         return fn
@@ -238,7 +241,7 @@ def main() -> None:
         forward_s = sum(t.seconds for t in timers)
         steps = [s for g in gens for s in g.steps]
         wall = sum(s.draft_s + s.verify_s for s in steps) + sum(g.prefill_s for g in gens)
-        overhead = 1 - forward_s / wall if wall else float("nan")
+        overhead = 1 - forward_s / wall if wall and timers else float("nan")
         stats = acceptance(steps, gamma)
         verify = roofline("verify", weights, [s.verify_s for s in steps if s.drafted], bandwidth)
         alpha = stats["alpha_measured"]

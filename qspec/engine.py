@@ -104,19 +104,22 @@ def generate(
     generator: torch.Generator | None = None,
     accept: AcceptRule | None = None,
     compile: bool = False,
+    capacity: int = 0,
 ) -> Generation:
     """Generate up to max_new_tokens after a 1-D prompt, speculatively when a drafter is given.
 
     The hot loop allocates no per-token Python state on the device side: tokens live in one
     pre-allocated buffer, the caches roll back by moving a pointer, and the only host
     synchronisation per step is the single transfer of (n accepted, emitted tokens).
+    capacity sizes the caches when it exceeds what this call needs: a compiled run passes
+    the largest over its prompts, so every generation has the same shapes (no recompiles).
     """
     device = prompt.device
     accept = accept or (accept_greedy if sampler.greedy else accept_sample)
     if drafter is None:
         gamma = 0
     n_prompt = prompt.numel()
-    capacity = n_prompt + max_new_tokens + gamma + 1
+    capacity = max(capacity, n_prompt + max_new_tokens + gamma + 1)
     history = prompt.tolist()  # host copy, for drafters that work on token lists
     sync(device)
     start = time.perf_counter()

@@ -438,8 +438,15 @@ class RunState:
     def measure_engine(self, cell: Cell, target, drafter, prompts) -> dict:
         sampler = self.sampler(cell.mode)
         compile = bool(self.cfg.compile)
+        # one cache size for every prompt, the warm-up included: compiled shapes never change
+        capacity = max(p.ids.numel() + p.max_new_tokens for p in prompts) + cell.gamma + 1
         run = dict(
-            drafter=drafter, gamma=cell.gamma, sampler=sampler, eos_ids=self.eos, compile=compile
+            drafter=drafter,
+            gamma=cell.gamma,
+            sampler=sampler,
+            eos_ids=self.eos,
+            compile=compile,
+            capacity=capacity,
         )
         # Compilation happens in the first warm-up; it is timed here and never counted as latency.
         # A model torch.compile cannot handle (a quantization kernel it cannot trace, say) is
