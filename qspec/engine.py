@@ -134,9 +134,8 @@ def generate(
         drafter.prefill(prompt, capacity, compile)
     first = int(first)  # the prefill's one host synchronisation
     sync(device)
-    gen = Generation(prompt_len=n_prompt, tokens=[first], prefill_s=time.perf_counter() - start)
-    gen.ttft_s = gen.prefill_s
-    gen.kv_path = kv.path
+    prefill_s = time.perf_counter() - start
+    gen = Generation(n_prompt, [first], prefill_s=prefill_s, ttft_s=prefill_s, kv_path=kv.path)
     history.append(first)
     length = n_prompt + 1  # ids[:length] is prompt + emitted; the target cache holds length - 1
     stop = first in eos_ids

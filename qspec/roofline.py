@@ -13,12 +13,8 @@ import time
 
 import torch
 
+from qspec.engine import sync
 from qspec.metrics import percentile
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, samples: int = 7) -> dict:
@@ -28,10 +24,10 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, samples: int =
     dst.copy_(src)  # warm-up: page faults and allocator, not counted
     seconds = []
     for _ in range(samples):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         seconds.append(time.perf_counter() - t)
     del src, dst
     return {
