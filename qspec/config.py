@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qspec.models import DEFAULT_MODEL
+from qspec.precisions import MODEL_FREE_DRAFTER_NAMES, PRECISION_NAMES
 
 MAX_GAMMA = 16
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -43,11 +44,11 @@ class ModelSpec(Strict):
     @field_validator("precisions")
     @classmethod
     def _known_precisions(cls, precisions: list[str]) -> list[str]:
-        from qspec.variants import PRECISIONS
-
-        unknown = [p for p in precisions if p not in PRECISIONS]
+        unknown = [p for p in precisions if p not in PRECISION_NAMES]
         if unknown:
-            raise ValueError(f"unknown precision {unknown[0]!r} (allowed: {', '.join(PRECISIONS)})")
+            raise ValueError(
+                f"unknown precision {unknown[0]!r} (allowed: {', '.join(PRECISION_NAMES)})"
+            )
         return precisions
 
 
@@ -60,10 +61,7 @@ class DraftSpec(ModelSpec):
     @field_validator("precisions")
     @classmethod
     def _known_precisions(cls, precisions: list[str]) -> list[str]:
-        from qspec.drafters import MODEL_FREE_DRAFTERS
-        from qspec.variants import PRECISIONS
-
-        allowed = [*PRECISIONS, *MODEL_FREE_DRAFTERS]
+        allowed = [*PRECISION_NAMES, *MODEL_FREE_DRAFTER_NAMES]
         unknown = [p for p in precisions if p not in allowed]
         if unknown:
             raise ValueError(

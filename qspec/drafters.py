@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from qspec.kv import new_kv
+from qspec.precisions import MODEL_FREE_DRAFTER_NAMES
 from qspec.sampling import Sampler
 
 
@@ -78,6 +79,7 @@ class NgramDrafter:
 
 
 MODEL_FREE_DRAFTERS = {"ngram": NgramDrafter}
+assert tuple(MODEL_FREE_DRAFTERS) == MODEL_FREE_DRAFTER_NAMES
 
 
 def check_same_tokenizer(target_tok, draft_tok, target_name: str, draft_name: str) -> None:

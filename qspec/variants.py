@@ -16,6 +16,7 @@ import torch
 
 from qspec import cache
 from qspec.models import cache_root
+from qspec.precisions import FIDELITY, PRECISION_NAMES, reference_precision  # noqa: F401
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -111,18 +112,7 @@ PRECISIONS: dict[str, Callable[[BuildContext], torch.nn.Module]] = {
     "fp4": _build_4bit("fp4"),
     "gptq-int4": build_gptq_int4,
 }
-
-# Higher rank = closer to the original weights; the reference is the best built target.
-FIDELITY = {"fp32": 6, "bf16": 5, "fp16": 5, "int8": 4, "gptq-int4": 3, "nf4": 2, "fp4": 1}
-
-
-def reference_precision(precisions: list[str], device: str) -> str:
-    """fp32 on CPU, fp16 (or bf16) on CUDA, else the highest-fidelity precision asked for."""
-    preferred = ["fp32", "bf16", "fp16"] if device == "cpu" else ["fp16", "bf16", "fp32"]
-    for p in preferred:
-        if p in precisions:
-            return p
-    return max(precisions, key=lambda p: FIDELITY.get(p, 0))
+assert tuple(PRECISIONS) == PRECISION_NAMES, "precisions.PRECISION_NAMES lists every builder"
 
 
 def build(precision: str, ctx: BuildContext) -> torch.nn.Module:
