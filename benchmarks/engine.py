@@ -35,7 +35,8 @@ from qspec.environment import describe, pick_device
 from qspec.metrics import acceptance
 from qspec.models import cache_root, resolve
 from qspec.roofline import copy_bandwidth, roofline
-from qspec.runner import prompt_ids, spread
+from qspec.plan import spread
+from qspec.prompts import prompt_ids
 from qspec.sampling import sampler_for
 from qspec.suites import load_suite
 from qspec.variants import BuildContext, build, weight_bytes

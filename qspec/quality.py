@@ -123,7 +123,7 @@ def _variant_summary(nll, kl, top1, dp, ppl_ref: float | None) -> dict:
         "ppl_se": ppl * nll_se if ppl is not None and nll_se is not None else None,
         "ppl_ratio": ppl / ppl_ref if ppl is not None and ppl_ref else None,
         "kl_mean": kl_mean,
-        "kl_se": kl_se,
+        "kl_mean_se": kl_se,
         "kl_median": q(50),
         "kl_p95": q(95),
         "kl_p99": q(99),

@@ -247,8 +247,8 @@ class TaskRecord(Record):
     metric: str | None = None
     value: float | None = None
     stderr: float | None = None
-    n: int = 0
-    seconds: float | None = None
+    n: int | None = 0  # documents evaluated
+    seconds: float | None = None  # wall time of the task's lm-eval call
 
 
 class TaskLosslessRecord(Record):
@@ -264,7 +264,7 @@ class TaskLosslessRecord(Record):
     accuracy_plain: float | None = None
     accuracy_speculative: float | None = None
     equal: bool | None = None
-    n: int = 0
+    n: int | None = 0
     outputs_identical: bool | None = None
     mismatched_docs: list[int | str] = []
     seconds_plain: float | None = None

@@ -1501,7 +1501,7 @@ def _missing_cells(run: Run) -> list[dict]:
     from dataclasses import asdict
 
     from qspec.config import ConfigError, parse_config, resolve_defaults
-    from qspec.runner import plan
+    from qspec.plan import plan
 
     try:
         cfg = parse_config(run.config, "run.json config")

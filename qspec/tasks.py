@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from qspec.prompts import stop_ids
 from qspec.sampling import GREEDY, Sampler, sampler_for
 from qspec.suites import Suite, SuiteError, materialize_task_yaml, task_config
 
@@ -296,11 +297,8 @@ def _speculative_class() -> type:
             return self._stop_ids[stops]
 
         def _eos_ids(self) -> frozenset[int]:
-            ids = {self.eot_token_id, self.tokenizer.eos_token_id}
-            gen_cfg = getattr(self.model, "generation_config", None)
-            eos = getattr(gen_cfg, "eos_token_id", None)
-            ids.update(eos if isinstance(eos, list | tuple) else [eos])
-            return frozenset(i for i in ids if isinstance(i, int))
+            eot = self.eot_token_id
+            return stop_ids(self.tokenizer, self.model) | ({eot} if isinstance(eot, int) else set())
 
         def _sampler(self, kwargs: dict) -> Sampler:
             temperature = kwargs.get("temperature") or 0.0

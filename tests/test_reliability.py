@@ -12,27 +12,32 @@ import time
 import pytest
 from conftest import write_config
 
-from qspec import cache, runner, store
+from qspec import cache, store
 from qspec.cli import main
+from qspec.config import load_config
+from qspec.report import write_report
+from qspec.runner import run_evaluation
+from qspec.suites import load_suite
 
 
-def test_out_of_memory_in_one_cell_is_recorded_and_the_run_goes_on(
-    tmp_path, tiny_model_dir, monkeypatch
-):
+def test_out_of_memory_in_one_cell_is_recorded_and_the_run_goes_on(tmp_path, tiny_model_dir):
     def fault(cell):
         if cell.kind == "speculative" and cell.draft == "nf4":
             raise MemoryError("simulated: could not allocate the KV cache")
 
-    monkeypatch.setattr(runner, "FAULT_HOOK", fault)
-    cfg = write_config(
-        tmp_path / "c.toml",
-        tiny_model_dir,
-        modes='["greedy"]',
-        baselines='["target_only"]',
-        _target='precisions = ["fp32"]',
+    cfg = load_config(
+        write_config(
+            tmp_path / "c.toml",
+            tiny_model_dir,
+            modes='["greedy"]',
+            baselines='["target_only"]',
+            _target='precisions = ["fp32"]',
+        )
     )
     out = tmp_path / "run"
-    assert main(["evaluate", "--config", cfg, "--out", str(out), "--quiet"]) == 1
+    suites = [load_suite(name) for name in cfg.suites]
+    assert run_evaluation(cfg, out, suites, quiet=True, fault=fault) == 1
+    write_report(out)
     cells = {
         (r["kind"], r.get("draft")): r for r in store.read(out / "results.jsonl") if "mode" in r
     }

@@ -1,0 +1,152 @@
+"""What every stage of a run reads: the config, the device, the suites, the built models.
+
+A stage is a function of a RunContext that yields records; it never writes them itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qspec.config import RunConfig
+from qspec.drafters import MODEL_FREE_DRAFTERS, ModelDrafter, check_same_tokenizer
+from qspec.environment import versions
+from qspec.models import ResolvedModel, resolve
+from qspec.plan import Cell, Finished
+from qspec.precisions import reference_precision
+from qspec.records import Status
+from qspec.sampling import Sampler, sampler_for
+from qspec.variants import BuildContext, VariantUnavailable, build, weight_bytes
+
+log = logging.getLogger("qspec")
+
+
+class Skip(Exception):
+    """A cell or stage that cannot be measured (a model missing, no prompts): recorded, not fatal."""
+
+    def __init__(self, status: Status, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass
+class Built:
+    """One (model, precision) built once: the model, or why it could not be built."""
+
+    model: torch.nn.Module | None
+    status: Status
+    error: str | None = None
+    weights_bytes: int | None = None
+    build_s: float | None = None
+
+
+class Models:
+    """Resolves the target and draft references, then builds each variant once, on demand."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device, calibration: list[str]):
+        self.cfg, self.device, self.calibration = cfg, device, calibration
+        self.built: dict[tuple[str, str], Built] = {}
+        self.errors: dict[str, str] = {}  # role -> why that model cannot be used at all
+        self.target_ref = self.draft_ref = self.tokenizer = None
+        try:
+            self.target_ref = resolve(cfg.target.ref)
+            self.tokenizer = _tokenizer(self.target_ref, cfg.target.trust_remote_code)
+        except Exception as err:  # noqa: BLE001
+            self.errors["target"] = (
+                f"cannot load target {cfg.target.ref!r}: {type(err).__name__}: {err}"
+            )
+            return
+        try:
+            self.draft_ref = resolve(cfg.draft.ref)
+            if self.draft_ref.ref != self.target_ref.ref:
+                draft_tok = _tokenizer(self.draft_ref, cfg.draft.trust_remote_code)
+                check_same_tokenizer(
+                    self.tokenizer, draft_tok, self.target_ref.ref, self.draft_ref.ref
+                )
+        except Exception as err:  # noqa: BLE001
+            self.errors["draft"] = (
+                f"cannot use draft {cfg.draft.ref!r}: {type(err).__name__}: {err}"
+            )
+
+    @property
+    def same_model(self) -> bool:
+        """Target and draft are the same checkpoint (self-drafting from quantized copies)."""
+        return self.draft_ref is not None and self.draft_ref.ref == self.target_ref.ref
+
+    def ref(self, role: str) -> ResolvedModel | None:
+        return self.target_ref if role == "target" else self.draft_ref
+
+    def build(self, role: str, precision: str) -> Built:
+        """The variant, built on first use; a build fault is kept as its status, never raised."""
+        if role in self.errors:
+            return Built(None, "failed", self.errors[role])
+        ref = self.ref(role)
+        spec = self.cfg.target if role == "target" else self.cfg.draft
+        key = (ref.ref, precision)
+        if key not in self.built:
+            start = time.perf_counter()
+            ctx = BuildContext(
+                ref.location, self.device.type, spec.trust_remote_code, self.calibration
+            )
+            try:
+                model = build(precision, ctx)
+                self.built[key] = Built(
+                    model, "ok", None, weight_bytes(model), time.perf_counter() - start
+                )
+            except VariantUnavailable as err:
+                self.built[key] = Built(None, "unavailable", str(err))
+            except Exception as err:  # noqa: BLE001 - any build fault is recorded, never fatal
+                log.debug(traceback.format_exc())
+                self.built[key] = Built(None, "failed", f"{type(err).__name__}: {err}")
+        return self.built[key]
+
+    def model(self, role: str, precision: str) -> torch.nn.Module:
+        """The built model, or Skip with the status and reason it is missing."""
+        built = self.build(role, precision)
+        if built.model is None:
+            reason = built.error if role in self.errors else f"{role} {precision}: {built.error}"
+            raise Skip(built.status, reason)
+        return built.model
+
+    def drafter(self, precision: str):
+        """A fresh drafter (n-gram, or a model drafter over the built draft variant), or Skip."""
+        if precision in MODEL_FREE_DRAFTERS:
+            return MODEL_FREE_DRAFTERS[precision](max_ngram=self.cfg.draft.ngram_max)
+        return ModelDrafter(self.model("draft", precision), name=precision)
+
+
+@dataclass
+class RunContext:
+    cfg: RunConfig  # device defaults already resolved
+    device: torch.device
+    suites: dict[str, object]  # name -> loaded Suite
+    work_dir: Path
+    models: Models
+    finished: Finished = field(default_factory=Finished)
+    bandwidth: dict | None = None  # copy bandwidth of the device (run.json), for the roofline
+    # Tests pass a function of the Cell that raises, to check one cell's fault stays its own.
+    fault: Callable[[Cell], None] | None = None
+
+    @property
+    def reference(self) -> str:
+        return reference_precision(self.cfg.target.precisions, self.device.type)
+
+    @property
+    def versions(self) -> dict:
+        return versions()
+
+    def sampler(self, mode: str) -> Sampler:
+        s = self.cfg.sampling
+        return sampler_for(mode, s.temperature, s.top_k, s.top_p)
+
+
+def _tokenizer(model: ResolvedModel, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model.location, trust_remote_code=trust_remote_code)

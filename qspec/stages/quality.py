@@ -1,0 +1,133 @@
+"""Stage 2: the teacher-forced pass over each suite corpus.
+
+Per target variant: perplexity, KL and top-1 agreement against the reference (QualityRecord).
+Per (target, model draft) pair: acceptance predicted from the two distributions, before any
+generation (PairScreenRecord).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Iterator
+
+from qspec.metrics import expected_acceptance_rate, expected_tau
+from qspec.plan import key_of_record, key_of_stage
+from qspec.precisions import MODEL_FREE_DRAFTER_NAMES
+from qspec.quality import quality_pass, tokenize_corpus
+from qspec.records import Kind, PairScreenRecord, PredictedAt, QualityRecord, Record
+from qspec.stages.context import RunContext, Skip
+
+log = logging.getLogger("qspec")
+
+CORPUS = "suite corpus, teacher-forced, temperature 1"
+
+
+def quality_stage(ctx: RunContext, progress) -> Iterator[Record]:
+    if not ctx.cfg.quality.enabled or "target" in ctx.models.errors:
+        return
+    for suite in ctx.suites.values():
+        stage_key = key_of_stage(
+            Kind.QUALITY, ctx.cfg, ctx.device.type, ctx.versions, suite=suite.name
+        )
+        if ctx.finished.stage(stage_key):
+            continue
+        try:
+            records = suite_quality(ctx, suite, progress)
+        except Exception as err:  # noqa: BLE001 - never lose the rest of the run
+            log.debug(traceback.format_exc())
+            records = [
+                QualityRecord(
+                    suite=suite.name, status="failed", error=f"{type(err).__name__}: {err}"
+                )
+            ]
+        for rec in records:
+            rec.stage_key = stage_key
+            rec.key = key_of_record(stage_key, rec)
+            yield rec
+
+
+def _built(ctx: RunContext, role: str, precision: str):
+    try:
+        return ctx.models.model(role, precision)
+    except Skip:
+        return None
+
+
+def suite_quality(ctx: RunContext, suite, progress) -> list[Record]:
+    """One quality_pass over the suite corpus with every built target and model draft."""
+    cfg = ctx.cfg
+    models, names = {}, {}
+    for precision in cfg.target.precisions:
+        model = _built(ctx, "target", precision)
+        if model is not None:
+            models[precision] = model
+    for precision in cfg.draft.precisions:
+        model = None if precision in MODEL_FREE_DRAFTER_NAMES else _built(ctx, "draft", precision)
+        if model is not None:
+            name = precision if ctx.models.same_model else f"draft:{precision}"
+            names[precision] = name
+            models.setdefault(name, model)
+    reference = ctx.reference
+    if reference not in models:
+        error = f"reference variant {reference!r} was not built"
+        return [QualityRecord(suite=suite.name, status="failed", error=error)]
+    texts = suite.corpus()
+    if not texts:
+        return []
+    q = cfg.quality
+    ids = tokenize_corpus(ctx.models.tokenizer, texts, q.max_tokens)
+    pairs = [(t, names[d]) for t in cfg.target.precisions if t in models for d in names]
+    with progress.task(f"quality pass on {suite.name}", total=1) as advance:
+        advance(f"{len(models)} variants, {q.max_tokens} tokens")
+        result = quality_pass(
+            models,
+            reference,
+            ids,
+            window=q.window,
+            stride=q.stride,
+            sample=ctx.sampler("sample"),
+            pairs=pairs,
+            max_tokens=q.max_tokens,
+        )
+    records: list[Record] = []
+    target_ref = ctx.models.target_ref.ref
+    for name, stats in result.variants.items():
+        if name not in cfg.target.precisions:
+            continue
+        built = ctx.models.built.get((target_ref, name))
+        records.append(
+            QualityRecord(
+                suite=suite.name,
+                variant=name,
+                reference=reference,
+                corpus=CORPUS,
+                windows=result.windows,
+                weights_bytes=built.weights_bytes if built else None,
+                **stats,
+            )
+        )
+    draft_name = {v: k for k, v in names.items()}
+    for (target, draft), stats in result.pairs.items():
+        records.append(
+            PairScreenRecord(
+                suite=suite.name,
+                target=target,
+                draft=draft_name[draft],
+                on="suite corpus (teacher-forced)",
+                sampling=cfg.sampling.model_dump(),
+                predicted={str(g): _expected(stats, g) for g in cfg.gammas},
+                **stats,
+            )
+        )
+    return records
+
+
+def _expected(stats: dict, gamma: int) -> PredictedAt:
+    g, s = stats["alpha_predicted_greedy"], stats["alpha_predicted_sample"]
+    return PredictedAt(
+        tau=expected_tau(g, gamma),
+        acceptance_rate=expected_acceptance_rate(g, gamma),
+        tau_sample=expected_tau(s, gamma),
+        acceptance_rate_sample=expected_acceptance_rate(s, gamma),
+    )
