@@ -14,6 +14,9 @@ from conftest import write_config
 
 from qspec import store
 from qspec.cli import main
+from qspec.config import load_config
+from qspec.runner import run_evaluation
+from qspec.suites import load_suite
 
 
 def records(out):
@@ -193,3 +196,38 @@ def test_a_model_torch_compile_cannot_handle_is_measured_eagerly(
         assert r["status"] == "ok" and r["tokens_per_s"] > 0
         assert r["compile"] is False and r["compile_s"] is None
         assert "inductor cannot trace this kernel" in r["compile_error"]
+
+
+def test_resume_measures_only_what_is_not_finished(tmp_path, tiny_model_dir):
+    """A resumed run re-measures no finished cell; a cell stored as failed is measured again."""
+    cfg = load_config(
+        write_config(
+            tmp_path / "c.toml",
+            tiny_model_dir,
+            modes='["greedy"]',
+            baselines='["target_only"]',
+            _target='precisions = ["fp32"]',
+        )
+    )
+    suites = [load_suite(name) for name in cfg.suites]
+    out = tmp_path / "run"
+    assert run_evaluation(cfg, out, suites, quiet=True) == 0
+    first = records(out)
+    measured = []
+    assert run_evaluation(cfg, out, suites, quiet=True, resume=True, fault=measured.append) == 0
+    assert measured == []
+    # the resumed run appended only the variant records (rebuilt, never measured)
+    assert {r["kind"] for r in records(out)[len(first) :]} == {"variant"}
+
+    # mark one cell failed, as an interrupted attempt would leave it: only it is measured again
+    lines = (out / "results.jsonl").read_text().splitlines()
+    ngram = next(i for i, r in enumerate(map(json.loads, lines)) if r.get("draft") == "ngram")
+    broken = {**json.loads(lines[ngram]), "status": "failed", "error": "killed"}
+    lines[ngram] = json.dumps(broken)
+    (out / "results.jsonl").write_text("\n".join(lines) + "\n")
+    assert run_evaluation(cfg, out, suites, quiet=True, resume=True, fault=measured.append) == 0
+    assert [(c.kind, c.draft) for c in measured] == [("speculative", "ngram")]
+    again = [r for r in records(out) if r["key"] == broken["key"]]
+    assert [r["status"] for r in again] == ["failed", "ok"]
+    # the re-measured cell still found its (stored, not re-measured) baseline
+    assert again[-1]["speedup"] > 0 and again[-1]["lossless"] is True
