@@ -26,13 +26,14 @@ class ModelDrafter:
     kv: object = None
 
     def prefill(self, tokens: torch.Tensor, capacity: int, compile: bool = False) -> None:
-        """Only allocates: the prompt goes through the draft with the first proposal, which
-        then comes from the same forward (one draft forward fewer per generation)."""
+        """Allocates the cache and runs the prompt through the draft (its last position only
+        goes through the lm head), so the first proposal is a one-token step like the others."""
         self.kv = new_kv(self.model, capacity, compile, slot="draft")
+        self.kv.forward(tokens, last_only=True)
         self.ids = tokens.new_empty(0)
 
     def propose(self, tokens, gamma, sampler: Sampler, generator, history=None):
-        pending = tokens[self.kv.length :]  # the prompt, then 1 token, or 2 after a full accept
+        pending = tokens[self.kv.length :]  # 1 token, or 2 after a full accept
         for i in range(gamma):
             # only the last position's logits are needed; several pending tokens take the
             # (never compiled) prefill path, so compiled steps keep their one-token shape

@@ -41,6 +41,7 @@ class Generation:
     steps: list[Step] = field(default_factory=list)
     prefill_s: float = 0.0
     ttft_s: float = 0.0  # start -> first emitted token
+    draft_prefill_s: float = 0.0  # the draft's prompt forward, after the first token
     total_s: float = 0.0
     target_kv_bytes: int = 0
     draft_kv_bytes: int = 0
@@ -130,12 +131,13 @@ def generate(
     ids[:n_prompt] = prompt
     first = sampler.pick(kv.forward(prompt, last_only=True)[-1], generator)
     ids[n_prompt] = first
-    if drafter is not None:
-        drafter.prefill(prompt, capacity, compile)
     first = int(first)  # the prefill's one host synchronisation
-    sync(device)
     prefill_s = time.perf_counter() - start
     gen = Generation(n_prompt, [first], prefill_s=prefill_s, ttft_s=prefill_s, kv_path=kv.path)
+    if drafter is not None:  # timed apart, so it inflates neither TTFT nor the first step's draft
+        drafter.prefill(prompt, capacity, compile)
+        sync(device)
+        gen.draft_prefill_s = time.perf_counter() - start - prefill_s
     history.append(first)
     length = n_prompt + 1  # ids[:length] is prompt + emitted; the target cache holds length - 1
     stop = first in eos_ids
@@ -165,12 +167,14 @@ def generate(
             drafter.rollback(length - 1)
         sync(device)
         t2 = time.perf_counter()
+        hit = next((i for i, t in enumerate(emitted) if t in eos_ids), None)
+        if hit is not None:  # the step's record counts only what is kept
+            emitted = emitted[: hit + 1]
+            if hit < n:  # EOS among the accepted drafts: those after it were never needed
+                k = n = hit + 1
+            stop = True
         gen.steps.append(Step(k, n, len(emitted), t1 - t0, t2 - t1))
         gen.tokens.extend(emitted)
-        hit = next((i for i, t in enumerate(emitted) if t in eos_ids), None)
-        if hit is not None:
-            del gen.tokens[len(gen.tokens) - len(emitted) + hit + 1 :]
-            stop = True
     gen.total_s = time.perf_counter() - start
     gen.target_kv_bytes = kv.nbytes()
     draft_kv = getattr(drafter, "kv", None)

@@ -1,4 +1,10 @@
-"""Peak memory per cell: CUDA allocator peak on GPU, peak resident set size on CPU."""
+"""Peak memory of one cell: its own models' weights plus what its generations add on top.
+
+Every built variant stays resident during a run, so the process peak is the same for every
+cell. A cell's own figure is the bytes of its target and draft weights as built plus the
+largest rise of memory during any one of its generations (KV caches, activations,
+temporaries): CUDA allocator figures on GPU, the resident set (VmRSS / VmHWM) on CPU.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +14,41 @@ from pathlib import Path
 import torch
 
 
-def reset_peak(device: torch.device) -> None:
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak(device: torch.device) -> int:
+    """Restart the high-water mark; returns the bytes resident now (the rise is measured from here)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
+        return torch.cuda.memory_allocated(device)
     try:  # Linux: "5" resets the VmHWM high-water mark of this process
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+    return _status_kib("VmRSS") or 0
 
 
 def peak_bytes(device: torch.device) -> tuple[int, str]:
-    """(bytes, what was measured)."""
+    """(bytes, what was measured): the high-water mark since the last reset_peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(
-                    line.split()[1]
-                ) * 1024, "peak RSS of the process (VmHWM, reset per cell)"
-    except OSError:
-        pass
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm, "peak RSS of the process (VmHWM, reset per generation)"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS since process start"
+
+
+def cell_measure(device: torch.device) -> str:
+    rise = "CUDA allocator peak" if device.type == "cuda" else "peak RSS (VmHWM)"
+    return (
+        f"weights of the cell's target and draft as built + the largest rise of the {rise} "
+        "during one of its generations (other resident variants excluded)"
+    )

@@ -145,3 +145,15 @@ class Finished:
             return True
         rs = self.by_stage.get(key, [])
         return bool(rs) and all(r.status in DONE for r in rs)
+
+
+def groups(cells: list[Cell]) -> list[list[Cell]]:
+    """Cells sharing a suite, a target and a mode, in plan order (the target-only cell first).
+
+    A group is measured interleaved, prompt by prompt, so that machine drift hits the
+    baseline and every speculative cell alike and speedups are paired.
+    """
+    out: dict[tuple[str, str, str], list[Cell]] = {}
+    for c in cells:
+        out.setdefault((c.suite, c.target, c.mode), []).append(c)
+    return list(out.values())

@@ -1,14 +1,16 @@
 """Predicted acceptance from teacher-forced distributions (no generation needed).
 
 beta at a position = sum_x min(p(x), q(x)) under sampling, [argmax p == argmax q] under
-greedy; alpha_predicted is the mean of beta over positions (DESIGN.md).
+greedy; alpha_predicted is the mean of beta over positions (DESIGN.md). For greedy cells
+a replay of the drafter over the emitted text gives the steps exactly (replay_greedy).
 """
 
 from __future__ import annotations
 
 import torch
 
-from qspec.sampling import Sampler
+from qspec.engine import Step
+from qspec.sampling import GREEDY, Sampler
 
 
 def beta(p_logits: torch.Tensor, q_logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
@@ -53,3 +55,43 @@ def on_policy_beta(
                 beta_deterministic(p[pos - start : pos - start + 1], proposal[:1], sampler)
             )
     return torch.cat(betas) if betas else torch.empty(0)
+
+
+@torch.inference_mode()
+def replay_greedy(
+    drafter, prompt: torch.Tensor, emitted: list[int], gamma: int, max_new_tokens: int
+) -> list[Step]:
+    """The steps a greedy speculative run over this output must have taken, without the target.
+
+    Under greedy decoding the target's tokens are the emitted ones, so each step accepts the
+    longest prefix of the drafter's proposal that matches them. The drafter is driven through
+    the same calls as in the engine (prefill, propose, rollback), so a deterministic drafter
+    proposes exactly what it proposed then: the replayed steps must equal the measured ones.
+    Step times are zero.
+    """
+    n_prompt, total = prompt.numel(), len(emitted)
+    ids = torch.cat([prompt, torch.tensor(emitted, dtype=prompt.dtype, device=prompt.device)])
+    drafter.prefill(prompt, n_prompt + max_new_tokens + gamma + 1)
+    history = prompt.tolist() + emitted[:1]
+    done, steps = 1, []
+    while done < total:
+        budget = min(gamma, max_new_tokens - done - 1)
+        proposal = []
+        if budget > 0:
+            draft, _ = drafter.propose(
+                ids[: n_prompt + done], budget, GREEDY, None, history=history
+            )
+            proposal = draft.tolist()
+        left = total - done
+        match = 0
+        while match < min(len(proposal), left) and proposal[match] == emitted[done + match]:
+            match += 1
+        if match == left:  # the output ended (EOS) inside the accepted drafts
+            k = n = e = left
+        else:
+            k, n, e = len(proposal), match, match + 1
+        steps.append(Step(k, n, e, 0.0, 0.0))
+        history.extend(emitted[done : done + e])
+        done += e
+        drafter.rollback(n_prompt + done - 1)
+    return steps

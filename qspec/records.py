@@ -71,6 +71,10 @@ class VariantRecord(Record):
     model_note: str = ""  # provenance of the weights, shown in the report
     weights_bytes: int | None = None
     build_s: float | None = None
+    # one (gamma+1)-token forward vs gamma+1 one-token forwards (invariance.py): a target
+    # must be batch-invariant for greedy speculative output to equal its own
+    batch_invariant: bool | None = None
+    batch_invariance: dict[str, Any] | None = None  # positions, k, max |delta logit|, flips
 
 
 # ----------------------------------------------------------------------------- generation
@@ -86,6 +90,10 @@ class Output(Part):
     tokens_per_s: float | None = None
     ttft_s: float | None = None
     steps: int | None = None
+    # this prompt's own acceptance (per-request figures)
+    acceptance_rate: float | None = None
+    alpha_measured: float | None = None
+    tau: float | None = None
 
 
 class Roofline(Part):
@@ -98,6 +106,15 @@ class Roofline(Part):
     achieved_gbps: float
     bandwidth_gbps: float
     fraction: float
+
+
+class Spread(Part):
+    """A figure's spread across requests (prompts)."""
+
+    p10: float
+    p50: float
+    p90: float
+    n: int
 
 
 class GenerationRecord(Record):
@@ -129,8 +146,11 @@ class GenerationRecord(Record):
     token_latency_s_p95: float | None = None
     token_latency_samples: int | None = None
     e2e_s_p50: float | None = None
-    draft_s: float | None = None  # summed over every timed step
+    decode_tokens_per_s: float | None = None  # after the first token (prefill excluded)
+    draft_s: float | None = None  # summed over every timed step of every repeat
     verify_s: float | None = None
+    draft_prefill_s: float | None = None  # the draft's prompt forwards, timed apart
+    steps_timed: int | None = None  # steps over every repeat
     step_s: float | None = None  # target-only: mean seconds per decode step
     usd_per_million_tokens: float | None = None
     price_per_device_hour: float | None = None
@@ -140,28 +160,57 @@ class GenerationRecord(Record):
     accepted: int | None = None
     tested: int | None = None
     alpha_measured: float | None = None
+    alpha_measured_ci95: list[float] | None = None  # Wilson, n = tested
     acceptance_rate: float | None = None
+    acceptance_rate_ci95: list[float] | None = None  # Wilson, n = drafted
     tau: float | None = None
-    accepted_histogram: list[int] = []
+    tau_se: float | None = None  # standard error over steps
+    accepted_histogram: list[int] = []  # steps by accepted drafts (0..gamma)
+    short_full_accepts: int | None = None  # steps that drafted < gamma and accepted all
     steps_without_drafts: int | None = None
-    position_acceptance: list[float | None] = []
+    position_acceptance: list[float | None] = []  # accepted at i / tested at i
     position_tested: list[int] = []
-    # against the target-only baseline of the same target and mode
-    speedup: float | None = None
+    position_acceptance_unconditional: list[float | None] = []  # accepted at i / drafting steps
+    per_prompt_acceptance_rate: Spread | None = None
+    per_prompt_tau: Spread | None = None
+    # against the target-only baseline of the same target and mode, paired per generation
+    speedup: float | None = None  # geometric mean of per-(prompt, repeat) ratios
+    speedup_ci95: list[float] | None = None
+    speedup_pairs: int | None = None
+    speedup_decode: float | None = None  # the same, prefill excluded
+    speedup_decode_ci95: list[float] | None = None
+    speedup_decode_pairs: int | None = None
     lossless: bool | None = None
     lossless_mismatches: list[str] = []
+    # per mismatched prompt: the first divergent position, the target's top-1/top-2 margin
+    lossless_divergence: list[dict[str, Any]] = []
+    target_batch_invariant: bool | None = None
+    # transformers' peer cells: qspec's speculative cell of the same pair / this cell, paired
+    qspec_over_hf: float | None = None
+    qspec_over_hf_ci95: list[float] | None = None
+    qspec_over_hf_pairs: int | None = None
+    qspec_over_hf_decode: float | None = None
+    qspec_over_hf_decode_ci95: list[float] | None = None
+    qspec_over_hf_decode_pairs: int | None = None
     # predicted on the text the generation visits
     alpha_predicted: float | None = None
+    alpha_predicted_se: float | None = None
     alpha_predicted_positions: int | None = None
     alpha_predicted_on: str | None = None
+    alpha_gap: float | None = None  # measured - predicted
+    alpha_agrees: bool | None = None  # within max(0.05, 2 standard errors of the measured)
+    tau_replay: float | None = None  # greedy: the drafter replayed over the output
+    alpha_replay: float | None = None
+    replay_exact: bool | None = None  # replayed steps == measured steps
     tau_predicted: float | None = None
     acceptance_rate_predicted: float | None = None
     draft_cost_ratio: float | None = None  # c: draft step / target step
     verify_cost_ratio: float | None = None  # v: verify of gamma+1 tokens / target step
     speedup_predicted: float | None = None
     # memory
-    peak_memory_bytes: int | None = None
+    peak_memory_bytes: int | None = None  # the cell's own: see peak_memory_measure
     peak_memory_measure: str | None = None
+    memory_rise_bytes: int | None = None  # the largest rise during one generation
     target_kv_bytes: int | None = None
     draft_kv_bytes: int | None = None
     target_weights_bytes: int | None = None

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_llama
 
 from qspec.drafters import ModelDrafter, NgramDrafter, check_same_tokenizer
-from qspec.engine import generate
+from qspec.engine import Step, generate
 from qspec.metrics import acceptance
 from qspec.sampling import sampler_for
 
@@ -66,7 +66,12 @@ def test_a_different_draft_is_sometimes_rejected(target_model, draft_model):
     )
     stats = acceptance(gen.steps, 3)
     assert 0 <= stats["alpha_measured"] < 1
-    assert sum(stats["accepted_histogram"]) + stats["steps_without_drafts"] == stats["steps"]
+    assert (
+        sum(stats["accepted_histogram"])
+        + stats["short_full_accepts"]
+        + stats["steps_without_drafts"]
+        == stats["steps"]
+    )
     # tested = accepted + steps that ended in a rejection
     assert stats["tested"] == stats["accepted"] + sum(
         1 for s in gen.steps if s.accepted < s.drafted
@@ -229,3 +234,50 @@ def test_compiled_steps_give_the_same_tokens(target_model, draft_model, drafter_
         )
         assert gen.kv_path == "static"
         assert gen.tokens == plain.tokens
+
+
+def test_eos_among_accepted_drafts_counts_only_the_kept_tokens(target_model):
+    """The last step's record must not count drafts accepted after the EOS that ends the output."""
+    plain = generate(target_model, PROMPT, max_new_tokens=20)
+    # a token the self-draft accepts as its 2nd draft of the first step (not the bonus token)
+    eos = plain.tokens[2]
+    assert eos not in plain.tokens[:2]
+    gen = generate(
+        target_model,
+        PROMPT,
+        drafter=ModelDrafter(target_model),
+        gamma=4,
+        max_new_tokens=20,
+        eos_ids=frozenset([eos]),
+    )
+    assert gen.tokens == plain.tokens[:3]
+    assert sum(s.emitted for s in gen.steps) == len(gen.tokens) - 1  # the prefill gave one
+    last = gen.steps[-1]
+    assert (last.drafted, last.accepted, last.emitted) == (2, 2, 2)
+    stats = acceptance(gen.steps, 4)
+    assert stats["tested"] == stats["accepted"] == 2 and stats["short_full_accepts"] == 1
+
+
+def test_a_short_full_accept_is_not_a_rejection():
+    steps = [Step(3, 1, 2, 0, 0), Step(2, 2, 3, 0, 0), Step(3, 3, 4, 0, 0), Step(0, 0, 1, 0, 0)]
+    stats = acceptance(steps, 3)
+    assert stats["accepted_histogram"] == [0, 1, 0, 1]
+    assert stats["short_full_accepts"] == 1 and stats["steps_without_drafts"] == 1
+    assert stats["tested"] == 6 + 1  # one step ended in a rejection
+    # vLLM's unconditional rate divides by drafting steps; the conditional one by tested drafts
+    assert stats["position_acceptance_unconditional"] == [1.0, 2 / 3, 1 / 3]
+    assert stats["position_acceptance"] == [1.0, 2 / 3, 1.0]
+    low, high = stats["alpha_measured_ci95"]
+    assert low < 6 / 7 < high <= 1
+    assert stats["tau"] == 2.5 and stats["tau_se"] > 0
+
+
+def test_the_draft_reads_the_prompt_before_the_first_step(target_model, draft_model):
+    """The draft's prompt forward is timed apart, so the first step's draft time is a step's."""
+    drafter = ModelDrafter(draft_model)
+    drafter.prefill(PROMPT, 64)
+    assert drafter.kv.length == PROMPT.numel()
+    gen = generate(
+        target_model, PROMPT, drafter=ModelDrafter(draft_model), gamma=3, max_new_tokens=12
+    )
+    assert gen.draft_prefill_s > 0

@@ -219,14 +219,18 @@ def test_resume_measures_only_what_is_not_finished(tmp_path, tiny_model_dir):
     # the resumed run appended only the variant records (rebuilt, never measured)
     assert {r["kind"] for r in records(out)[len(first) :]} == {"variant"}
 
-    # mark one cell failed, as an interrupted attempt would leave it: only it is measured again
+    # mark one cell failed, as an interrupted attempt would leave it: it is measured again,
+    # with its group's baseline re-timed beside it (a speedup is paired with its baseline)
     lines = (out / "results.jsonl").read_text().splitlines()
     ngram = next(i for i, r in enumerate(map(json.loads, lines)) if r.get("draft") == "ngram")
     broken = {**json.loads(lines[ngram]), "status": "failed", "error": "killed"}
     lines[ngram] = json.dumps(broken)
     (out / "results.jsonl").write_text("\n".join(lines) + "\n")
     assert run_evaluation(cfg, out, suites, quiet=True, resume=True, fault=measured.append) == 0
-    assert [(c.kind, c.draft) for c in measured] == [("speculative", "ngram")]
+    assert [(c.kind, c.draft) for c in measured] == [
+        ("target_only", None),
+        ("speculative", "ngram"),
+    ]
     again = [r for r in records(out) if r["key"] == broken["key"]]
     assert [r["status"] for r in again] == ["failed", "ok"]
     # the re-measured cell still found its (stored, not re-measured) baseline

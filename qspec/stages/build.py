@@ -1,13 +1,21 @@
-"""Stage 1: build every variant the plan needs, once, and record its size or why it is missing."""
+"""Stage 1: build every variant the plan needs, once, and record its size, its build time and
+whether it is batch-invariant (or why it could not be built)."""
 
 from __future__ import annotations
 
+import logging
+import traceback
 from collections.abc import Iterator
 
 from qspec.plan import key_of_variant
 from qspec.precisions import MODEL_FREE_DRAFTER_NAMES
+from qspec.quality import tokenize_corpus
 from qspec.records import VariantRecord
 from qspec.stages.context import RunContext
+
+log = logging.getLogger("qspec")
+
+INVARIANCE_POSITIONS = 128  # compared positions per variant: a few seconds each on a CPU
 
 
 def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
@@ -15,6 +23,7 @@ def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
     roles = [("target", p) for p in cfg.target.precisions]
     roles += [("draft", p) for p in cfg.draft.precisions if p not in MODEL_FREE_DRAFTER_NAMES]
     seen = set()
+    text = None
     for role, precision in roles:
         if role in models.errors:
             continue
@@ -23,7 +32,7 @@ def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
             continue
         seen.add((ref.ref, precision))
         built = models.build(role, precision)
-        yield VariantRecord(
+        rec = VariantRecord(
             key=key_of_variant(ref.ref, precision, ctx.device.type),
             model=ref.ref,
             precision=precision,
@@ -33,3 +42,39 @@ def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
             weights_bytes=built.weights_bytes,
             build_s=built.build_s,
         )
+        if built.model is not None:
+            text = text if text is not None else _suite_text(ctx)
+            rec.batch_invariance = built.invariance = _invariance(ctx, built, text)
+            if rec.batch_invariance is not None:
+                rec.batch_invariant = rec.batch_invariance["batch_invariant"]
+        yield VariantRecord.model_validate(rec.model_dump())
+
+
+def _suite_text(ctx: RunContext):
+    """Token ids of the first suite corpus that has text, for the invariance check."""
+    import torch
+
+    for suite in ctx.suites.values():
+        try:
+            texts = suite.corpus()
+        except Exception:  # noqa: BLE001
+            continue
+        if texts:
+            ids = tokenize_corpus(ctx.models.tokenizer, texts, INVARIANCE_POSITIONS + 16)[0]
+            return torch.tensor(ids, device=ctx.device)
+    return None
+
+
+def _invariance(ctx: RunContext, built, ids) -> dict | None:
+    """One (gamma+1)-token forward against gamma+1 one-token forwards, as the engine runs them."""
+    if ids is None:
+        return None
+    k = max(ctx.cfg.gammas) + 1
+    try:
+        from qspec.invariance import batch_invariance
+
+        return batch_invariance(built.model, ids, k, max_positions=INVARIANCE_POSITIONS)
+    except Exception as err:  # noqa: BLE001 - a missing figure never costs the variant
+        log.debug(traceback.format_exc())
+        log.warning("batch-invariance check failed: %s", err)
+        return None

@@ -44,6 +44,7 @@ class Built:
     error: str | None = None
     weights_bytes: int | None = None
     build_s: float | None = None
+    invariance: dict | None = None  # batch-invariance figures, set by the build stage
 
 
 class Models:

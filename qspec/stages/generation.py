@@ -1,9 +1,10 @@
 """Stage 3: the generation cells, target-only, speculative and transformers' peer.
 
-Each cell generates from the same prompts with the same seeds; its record carries measured
-acceptance, latency, memory and outputs, its speedup against the target-only cell of the
-same target and mode (which the plan puts first), and acceptance predicted on the text
-it visited.
+Cells that share a suite, a target and a mode form a group, measured interleaved: for each
+repeat and each prompt, every cell of the group generates in turn. Drift of the machine
+then hits the baseline and the speculative cells alike, and each speedup is a set of
+paired per-generation ratios with an interval, not a ratio of two cells timed minutes
+apart. Figures per cell are computed in cell_figures.py.
 """
 
 from __future__ import annotations
@@ -13,129 +14,158 @@ import logging
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
 from qspec.baselines import hf_assisted
-from qspec.compare import against_baseline
 from qspec.engine import Generation, generate
 from qspec.environment import describe
 from qspec.memory import peak_bytes, reset_peak
-from qspec.metrics import acceptance, expected_acceptance_rate, expected_tau, latency
-from qspec.plan import Cell, key_of_cell, plan
+from qspec.plan import Cell, groups, key_of_cell, plan
 from qspec.precisions import MODEL_FREE_DRAFTER_NAMES
-from qspec.predict import on_policy_beta
 from qspec.prompts import EncodedPrompt, encode_prompts, stop_ids
 from qspec.records import GenerationRecord, Kind
-from qspec.roofline import roofline
+from qspec.stages.cell_figures import cell_record
 from qspec.stages.context import RunContext, Skip
 
 log = logging.getLogger("qspec")
 
-Baselines = dict[tuple[str, str, str], GenerationRecord]  # (suite, target, mode) -> target-only
+
+@dataclass
+class Timed:
+    """One timed generation of one prompt: what the figures need, engine or transformers."""
+
+    prompt: int  # index into the group's prompts
+    repeat: int
+    tokens: list[int]
+    total_s: float
+    gen: Generation | None = None  # the engine's record; None for transformers' peer
+    memory_rise: int = 0  # bytes above what was resident when it started
+
+
+@dataclass
+class CellRun:
+    """A cell being measured: how to generate one prompt, and what it has measured so far."""
+
+    cell: Cell
+    key: str
+    run: object = None  # callable(prompt, seed) -> Timed, set up by _prepare
+    timed: list[Timed] = field(default_factory=list)
+    status: str = "ok"
+    error: str | None = None
+    compile: bool = False
+    compile_s: float | None = None
+    compile_error: str | None = None
+    own_weights: int = 0
 
 
 def generation_stage(ctx: RunContext, progress) -> Iterator[GenerationRecord]:
     cells = plan(ctx.cfg, list(ctx.suites), ctx.device.type)
     prompts: dict[str, list[EncodedPrompt]] = {}
-    baselines: Baselines = {}
     with progress.task("cells", total=len(cells)) as advance:
-        for cell in cells:
-            advance(cell.label())
-            key = key_of_cell(cell, ctx.cfg, ctx.device.type, ctx.versions)
-            rec = ctx.finished.cell(key)
-            if rec is None:
-                if cell.suite not in prompts and "target" not in ctx.models.errors:
-                    suite = ctx.suites[cell.suite]
-                    prompts[cell.suite] = encode_prompts(
-                        ctx.models.tokenizer,
-                        suite.prompts,
-                        ctx.cfg.max_prompts,
-                        ctx.cfg.max_new_tokens,
-                        ctx.device,
-                    )
-                rec = run_cell(ctx, cell, key, prompts.get(cell.suite, []), baselines)
-                yield rec
-            if cell.kind == Kind.TARGET_ONLY and rec.ok:
-                baselines[(cell.suite, cell.target, cell.mode)] = rec
+        for group in groups(cells):
+            keys = {c: key_of_cell(c, ctx.cfg, ctx.device.type, ctx.versions) for c in group}
+            todo = [c for c in group if ctx.finished.cell(keys[c]) is None]
+            for c in group:
+                if c not in todo:
+                    advance(f"{c.label()} (stored)")
+            if not todo:
+                continue
+            # The baseline is timed again with any cell of its group: a speedup needs a
+            # baseline measured in the same stretch of time.
+            if group[0].kind == Kind.TARGET_ONLY and group[0] not in todo:
+                todo.insert(0, group[0])
+            suite = group[0].suite
+            if suite not in prompts and "target" not in ctx.models.errors:
+                prompts[suite] = encode_prompts(
+                    ctx.models.tokenizer,
+                    ctx.suites[suite].prompts,
+                    ctx.cfg.max_prompts,
+                    ctx.cfg.max_new_tokens,
+                    ctx.device,
+                )
+            yield from measure_group(ctx, todo, keys, prompts.get(suite, []), advance)
 
 
-def run_cell(
-    ctx: RunContext, cell: Cell, key: str, prompts: list[EncodedPrompt], baselines: Baselines
-) -> GenerationRecord:
-    """Measure one cell; any fault becomes the record's status and error, never an exception."""
-    rec = GenerationRecord(
-        key=key,
-        kind=cell.kind,
-        suite=cell.suite,
-        target=cell.target,
-        draft=cell.draft,
-        gamma=cell.gamma,
-        mode=cell.mode,
+def measure_group(ctx: RunContext, cells: list[Cell], keys, prompts, advance):
+    runs = [CellRun(c, keys[c]) for c in cells]
+    for r in runs:
+        advance(r.cell.label())
+        _guarded(r, _prepare, ctx, r, prompts)
+    for repeat in range(ctx.cfg.repeats):  # same seeds each pass: same outputs, more samples
+        for i in range(len(prompts)):
+            for r in runs:
+                if r.status == "ok":
+                    _guarded(r, lambda r, i, repeat: r.timed.append(r.run(i, repeat)), r, i, repeat)
+    base = runs[0] if runs[0].cell.kind == Kind.TARGET_ONLY else None
+    spec = {(r.cell.draft, r.cell.gamma): r for r in runs if r.cell.kind == Kind.SPECULATIVE}
+    for r in runs:
+        peer = spec.get((r.cell.draft, r.cell.gamma)) if r.cell.kind == Kind.HF_ASSISTED else None
+        try:
+            rec = cell_record(ctx, r, prompts, base, peer)
+        except Exception as err:  # noqa: BLE001 - a fault in one cell never loses the others
+            log.debug(traceback.format_exc())
+            rec = _failed(ctx, r, f"{type(err).__name__}: {err}")
+        yield rec
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _guarded(r: CellRun, work, *args) -> None:
+    """Run one piece of a cell's work; a fault marks that cell, never the group."""
+    try:
+        work(*args)
+    except Skip as skip:
+        r.status, r.error = skip.status, skip.reason
+    except (torch.cuda.OutOfMemoryError, MemoryError) as err:
+        r.status, r.error = "failed", f"out of memory: {err}"
+    except Exception as err:  # noqa: BLE001
+        log.debug(traceback.format_exc())
+        r.status, r.error = "failed", f"{type(err).__name__}: {err}"
+    if r.status != "ok":
+        r.timed.clear()
+
+
+def _failed(ctx: RunContext, r: CellRun, error: str) -> GenerationRecord:
+    c = r.cell
+    return GenerationRecord(
+        key=r.key,
+        kind=c.kind,
+        suite=c.suite,
+        target=c.target,
+        draft=c.draft,
+        gamma=c.gamma,
+        mode=c.mode,
         reference=ctx.reference,
         hardware=describe(ctx.device),
+        status="failed",
+        error=error,
     )
-    try:
-        rec = _with(rec, measure(ctx, cell, prompts, baselines))
-        if cell.kind != Kind.TARGET_ONLY:
-            rec = _with(rec, against_baseline(rec, baselines.get(_base_key(cell))))
-        if cell.kind == Kind.SPECULATIVE:
-            rec = _with(rec, predicted(ctx, cell, prompts, rec, baselines))
-    except Skip as skip:
-        rec.status, rec.error = skip.status, skip.reason
-    except (torch.cuda.OutOfMemoryError, MemoryError) as err:
-        rec.status, rec.error = "failed", f"out of memory: {err}"
-    except Exception as err:  # noqa: BLE001 - a fault in one cell never loses the others
-        rec.status, rec.error = "failed", f"{type(err).__name__}: {err}"
-        log.debug(traceback.format_exc())
-    finally:
-        gc.collect()
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()
-    price = ctx.cfg.price_per_device_hour
-    if price is not None and rec.tokens_per_s:
-        rec.usd_per_million_tokens = price / 3600 / rec.tokens_per_s * 1e6
-        rec.price_per_device_hour = price
-    return rec
 
 
-def _with(rec: GenerationRecord, figures: dict) -> GenerationRecord:
-    """The record with more figures, validated (a misnamed figure is an error, not a new field)."""
-    return GenerationRecord.model_validate({**rec.model_dump(), **figures})
-
-
-def _base_key(cell: Cell) -> tuple[str, str, str]:
-    return (cell.suite, cell.target, cell.mode)
-
-
-def measure(ctx: RunContext, cell: Cell, prompts: list[EncodedPrompt], baselines) -> dict:
+def _prepare(ctx: RunContext, r: CellRun, prompts: list[EncodedPrompt]) -> None:
+    """Load the cell's models and drafter, warm up (compiling if asked), set r.run."""
+    cell = r.cell
     if ctx.fault is not None:
         ctx.fault(cell)
     target = ctx.models.model("target", cell.target)
     if not prompts:
         raise Skip("unavailable", f"suite {cell.suite!r} declares no prompts")
     drafter = ctx.models.drafter(cell.draft) if cell.draft is not None else None
+    r.own_weights = ctx.models.build("target", cell.target).weights_bytes or 0
+    if getattr(drafter, "model", None) is not None:
+        r.own_weights += ctx.models.build("draft", cell.draft).weights_bytes or 0
     if cell.kind == Kind.HF_ASSISTED:
-        return measure_hf(ctx, cell, target, drafter, prompts)
-    return measure_engine(ctx, cell, target, drafter, prompts)
+        r.run = _hf_runner(ctx, cell, target, drafter, prompts)
+    else:
+        r.run = _engine_runner(ctx, r, target, drafter, prompts)
 
 
-def _outputs(ctx: RunContext, prompts, token_lists) -> list[dict]:
-    decode = ctx.models.tokenizer.decode
-    return [
-        {
-            "id": p.id,
-            "category": p.category,
-            "tokens": toks,
-            "text": decode(toks, skip_special_tokens=True),
-        }
-        for p, toks in zip(prompts, token_lists, strict=True)
-    ]
-
-
-def measure_engine(ctx: RunContext, cell: Cell, target, drafter, prompts) -> dict:
-    cfg = ctx.cfg
-    compile = bool(cfg.compile)
+def _engine_runner(ctx: RunContext, r: CellRun, target, drafter, prompts):
+    cell, cfg = r.cell, ctx.cfg
+    r.compile = bool(cfg.compile)
     # one cache size for every prompt, the warm-up included: compiled shapes never change
     capacity = max(p.ids.numel() + p.max_new_tokens for p in prompts) + cell.gamma + 1
     run = dict(
@@ -143,113 +173,38 @@ def measure_engine(ctx: RunContext, cell: Cell, target, drafter, prompts) -> dic
         gamma=cell.gamma,
         sampler=ctx.sampler(cell.mode),
         eos_ids=stop_ids(ctx.models.tokenizer, target),
-        compile=compile,
+        compile=r.compile,
         capacity=capacity,
     )
     # Compilation happens in the first warm-up; it is timed here and never counted as latency.
     # A model torch.compile cannot handle (a quantization kernel it cannot trace, say) is
     # measured eagerly instead, and the record says why.
-    warmup_s, compile_error = [], None
-    for _ in range(max(cfg.warmup, 1 if compile else 0)):
+    first = prompts[0]
+    for w in range(max(cfg.warmup, 1 if r.compile else 0)):
         t = time.perf_counter()
         try:
-            generate(
-                target, prompts[0].ids, max_new_tokens=min(8, prompts[0].max_new_tokens), **run
-            )
+            generate(target, first.ids, max_new_tokens=min(8, first.max_new_tokens), **run)
         except Exception as err:  # noqa: BLE001
             if not run["compile"]:
                 raise
-            compile_error = f"{type(err).__name__}: {err}"[:500]
+            r.compile_error = f"{type(err).__name__}: {err}"[:500]
             log.warning("torch.compile failed for %s; measuring eagerly: %s", cell, err)
-            compile = run["compile"] = False
-        warmup_s.append(time.perf_counter() - t)
-    reset_peak(ctx.device)
-    timed: list[Generation] = []
-    for _ in range(cfg.repeats):  # same seeds each pass: same outputs, more timing samples
-        for i, p in enumerate(prompts):
-            gen_rng = torch.Generator(ctx.device).manual_seed(cfg.seed + i)
-            timed.append(
-                generate(target, p.ids, max_new_tokens=p.max_new_tokens, generator=gen_rng, **run)
-            )
-    gens = timed[: len(prompts)]
-    peak, peak_what = peak_bytes(ctx.device)
-    steps = [s for g in gens for s in g.steps]
-    outputs = _outputs(ctx, prompts, [g.tokens for g in gens])
-    for out, g in zip(outputs, gens, strict=True):
-        out.update(
-            tokens_per_s=len(g.tokens) / g.total_s if g.total_s else None,
-            ttft_s=g.ttft_s,
-            steps=len(g.steps),
-        )
-    built = ctx.models.build("target", cell.target)
-    rec = {
-        **acceptance(steps, cell.gamma),
-        **latency(timed),
-        "repeats": cfg.repeats,
-        "n_prompts": len(prompts),
-        "compile": compile,
-        # first warm-up generation (8 tokens) including compilation; None when not compiled
-        "compile_s": warmup_s[0] if compile else None,
-        "compile_error": compile_error,
-        "kv_cache": gens[0].kv_path,
-        "peak_memory_bytes": peak,
-        "peak_memory_measure": peak_what,
-        "target_kv_bytes": max(g.target_kv_bytes for g in gens),
-        "draft_kv_bytes": max(g.draft_kv_bytes for g in gens),
-        "outputs": outputs,
-        "target_weights_bytes": built.weights_bytes,
-    }
-    all_steps = [s for g in timed for s in g.steps]
-    if cell.kind == Kind.TARGET_ONLY:
-        step_times = [s.draft_s + s.verify_s for s in all_steps]
-        rec["roofline"] = roofline("decode", built.weights_bytes, step_times, ctx.bandwidth)
-        rec.update(tau=1.0, step_s=(rec["draft_s"] + rec["verify_s"]) / max(len(steps), 1))
-        return rec
-    verify = [s.verify_s for s in all_steps if s.drafted]
-    rec["roofline"] = roofline("verify", built.weights_bytes, verify, ctx.bandwidth)
-    return rec
+            r.compile = run["compile"] = False
+        if w == 0 and r.compile:
+            r.compile_s = time.perf_counter() - t  # the first warm-up, compilation included
+
+    def one(i: int, repeat: int) -> Timed:
+        p = prompts[i]
+        rng = torch.Generator(ctx.device).manual_seed(cfg.seed + i)
+        resident = reset_peak(ctx.device)
+        g = generate(target, p.ids, max_new_tokens=p.max_new_tokens, generator=rng, **run)
+        rise = peak_bytes(ctx.device)[0] - resident
+        return Timed(i, repeat, g.tokens, g.total_s, g, max(rise, 0))
+
+    return one
 
 
-def predicted(ctx: RunContext, cell: Cell, prompts, rec: GenerationRecord, baselines) -> dict:
-    """Teacher-forced prediction on the text this generation visits: prompt + the target's greedy output."""
-    base = baselines.get(_base_key(cell))
-    greedy_base = baselines.get((cell.suite, cell.target, "greedy")) or base
-    if greedy_base is None:
-        return {}
-    target = ctx.models.model("target", cell.target)
-    drafter = ctx.models.drafter(cell.draft)
-    sampler = ctx.sampler(cell.mode)
-    continuation = {o.id: o.tokens for o in greedy_base.outputs}
-    betas = []
-    for p in prompts:
-        cont = continuation.get(p.id) or []
-        if not cont:
-            continue
-        ids = torch.cat([p.ids, torch.tensor(cont, device=p.ids.device)])
-        betas.append(on_policy_beta(target, drafter, ids, p.ids.numel(), sampler).cpu())
-    b = torch.cat(betas) if betas else torch.empty(0)
-    if b.numel() == 0:
-        return {}
-    alpha = float(b.mean())
-    out = {
-        "alpha_predicted": alpha,
-        "alpha_predicted_positions": b.numel(),
-        "alpha_predicted_on": "on policy: prompts + the target's own greedy continuation",
-        "tau_predicted": expected_tau(alpha, cell.gamma),
-        "acceptance_rate_predicted": expected_acceptance_rate(alpha, cell.gamma),
-    }
-    if base is not None and rec.steps and base.step_s:
-        c = (rec.draft_s / max(rec.drafted, 1)) / base.step_s
-        v = (rec.verify_s / rec.steps) / base.step_s
-        out.update(
-            draft_cost_ratio=c,
-            verify_cost_ratio=v,
-            speedup_predicted=out["tau_predicted"] / (cell.gamma * c + v),
-        )
-    return out
-
-
-def measure_hf(ctx: RunContext, cell: Cell, target, drafter, prompts) -> dict:
+def _hf_runner(ctx: RunContext, cell: Cell, target, drafter, prompts):
     """transformers' assisted generation for the same pair, as a timing peer."""
     draft_model = getattr(drafter, "model", None)
     if draft_model is None and cell.draft not in MODEL_FREE_DRAFTER_NAMES:
@@ -264,25 +219,17 @@ def measure_hf(ctx: RunContext, cell: Cell, target, drafter, prompts) -> dict:
         eos_ids=eos,
         pad_id=pad,
     )
+    first = prompts[0]
     for _ in range(ctx.cfg.warmup):
-        first = prompts[0]
         hf_assisted(target, first.ids, max_new_tokens=min(8, first.max_new_tokens), seed=0, **run)
-    reset_peak(ctx.device)
-    token_lists, seconds = [], 0.0
-    for i, p in enumerate(prompts):
+
+    def one(i: int, repeat: int) -> Timed:
+        p = prompts[i]
+        resident = reset_peak(ctx.device)
         toks, secs = hf_assisted(
             target, p.ids, max_new_tokens=p.max_new_tokens, seed=ctx.cfg.seed + i, **run
         )
-        token_lists.append(toks)
-        seconds += secs
-    peak, peak_what = peak_bytes(ctx.device)
-    tokens = sum(len(t) for t in token_lists)
-    return {
-        "n_prompts": len(prompts),
-        "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds if seconds else None,
-        "outputs": _outputs(ctx, prompts, token_lists),
-        "peak_memory_bytes": peak,
-        "peak_memory_measure": peak_what,
-    }
+        rise = peak_bytes(ctx.device)[0] - resident
+        return Timed(i, repeat, toks, secs, None, max(rise, 0))
+
+    return one

@@ -1,0 +1,263 @@
+"""The figures of one measured cell: acceptance, latency, memory, paired speedups, predictions.
+
+Acceptance and outputs come from the first repeat (every repeat uses the same seeds, so
+the same tokens); timings come from every repeat. Speedups are paired: each generation of
+a cell is divided by the baseline's generation of the same prompt and repeat, measured
+moments apart (generation.py interleaves them), and the interval comes from those ratios.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qspec.environment import describe
+from qspec.memory import cell_measure
+from qspec.metrics import (
+    acceptance,
+    expected_acceptance_rate,
+    expected_tau,
+    latency,
+    spread_of,
+)
+from qspec.predict import on_policy_beta, replay_greedy
+from qspec.records import GenerationRecord, Kind
+from qspec.roofline import roofline
+from qspec.stats import ratio_interval
+
+AGREEMENT = 0.05  # predicted and measured alpha agree within max(this, 2 standard errors)
+
+
+def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
+    """The record of CellRun r; base is its group's target-only run, peer (for transformers'
+    cells) the qspec speculative run of the same draft and gamma."""
+    c = r.cell
+    rec = GenerationRecord(
+        key=r.key,
+        kind=c.kind,
+        suite=c.suite,
+        target=c.target,
+        draft=c.draft,
+        gamma=c.gamma,
+        mode=c.mode,
+        reference=ctx.reference,
+        hardware=describe(ctx.device),
+        status=r.status,
+        error=r.error,
+    )
+    if r.status != "ok":
+        return rec
+    f: dict = {"n_prompts": len(prompts), "repeats": ctx.cfg.repeats}
+    invariance = ctx.models.build("target", c.target).invariance
+    f["target_batch_invariant"] = invariance["batch_invariant"] if invariance else None
+    f.update(_memory(ctx, r))
+    f.update(_engine_figures(ctx, r, prompts) if c.kind != Kind.HF_ASSISTED else _hf_figures(r))
+    f["outputs"] = _outputs(ctx, r, prompts)
+    if c.kind != Kind.TARGET_ONLY and base is not None and base.status == "ok":
+        f.update(_against(r, base, "speedup"))
+        if c.mode == "greedy":
+            f.update(_lossless(r, base, prompts))
+    if peer is not None and peer.status == "ok":
+        f.update(_against(peer, r, "qspec_over_hf"))
+    rec = GenerationRecord.model_validate({**rec.model_dump(), **f})
+    if c.kind == Kind.SPECULATIVE:
+        update = _predicted(ctx, r, prompts, rec)
+        if base is not None and base.status == "ok":
+            update.update(_cost_model(r, base, update.get("tau_predicted")))
+        rec = GenerationRecord.model_validate({**rec.model_dump(), **update})
+    price = ctx.cfg.price_per_device_hour
+    if price is not None and rec.tokens_per_s:
+        rec.usd_per_million_tokens = price / 3600 / rec.tokens_per_s * 1e6
+        rec.price_per_device_hour = price
+    return rec
+
+
+def _first_pass(r) -> list:
+    return [t for t in r.timed if t.repeat == 0]
+
+
+def _memory(ctx, r) -> dict:
+    rise = max((t.memory_rise for t in r.timed), default=0)
+    return {
+        "peak_memory_bytes": r.own_weights + rise,
+        "peak_memory_measure": cell_measure(ctx.device),
+        "memory_rise_bytes": rise,
+    }
+
+
+def _engine_figures(ctx, r, prompts) -> dict:
+    c = r.cell
+    gens = [t.gen for t in _first_pass(r)]
+    every = [t.gen for t in r.timed]
+    f = {**acceptance([s for g in gens for s in g.steps], c.gamma), **latency(every)}
+    per_prompt = [acceptance(g.steps, c.gamma) for g in gens]
+    f.update(
+        per_prompt_acceptance_rate=spread_of([a["acceptance_rate"] for a in per_prompt]),
+        per_prompt_tau=spread_of([a["tau"] for a in per_prompt]),
+        compile=r.compile,
+        compile_s=r.compile_s,
+        compile_error=r.compile_error,
+        kv_cache=gens[0].kv_path,
+        target_kv_bytes=max(g.target_kv_bytes for g in gens),
+        draft_kv_bytes=max(g.draft_kv_bytes for g in gens),
+    )
+    weights = ctx.models.build("target", c.target).weights_bytes
+    f["target_weights_bytes"] = weights
+    steps = [s for g in every for s in g.steps]
+    if c.kind == Kind.TARGET_ONLY:
+        f["roofline"] = roofline(
+            "decode", weights, [s.draft_s + s.verify_s for s in steps], ctx.bandwidth
+        )
+        f["step_s"] = _step_s(r)
+    else:
+        verify = [s.verify_s for s in steps if s.drafted]
+        f["roofline"] = roofline("verify", weights, verify, ctx.bandwidth)
+    return f
+
+
+def _hf_figures(r) -> dict:
+    tokens = sum(len(t.tokens) for t in r.timed)
+    seconds = sum(t.total_s for t in r.timed)
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds else None,
+    }
+
+
+def _step_s(r) -> float | None:
+    """Mean seconds per decode step over every timed step of every repeat."""
+    steps = [s for t in r.timed for s in t.gen.steps]
+    return sum(s.draft_s + s.verify_s for s in steps) / len(steps) if steps else None
+
+
+def _outputs(ctx, r, prompts) -> list[dict]:
+    decode = ctx.models.tokenizer.decode
+    out = []
+    for t in _first_pass(r):
+        p = prompts[t.prompt]
+        o = {
+            "id": p.id,
+            "category": p.category,
+            "tokens": t.tokens,
+            "text": decode(t.tokens, skip_special_tokens=True),
+            "tokens_per_s": len(t.tokens) / t.total_s if t.total_s else None,
+        }
+        if t.gen is not None:
+            a = acceptance(t.gen.steps, r.cell.gamma)
+            o.update(
+                ttft_s=t.gen.ttft_s,
+                steps=len(t.gen.steps),
+                acceptance_rate=a["acceptance_rate"],
+                alpha_measured=a["alpha_measured"],
+                tau=a["tau"],
+            )
+        out.append(o)
+    return out
+
+
+def _rate(t, decode_only: bool) -> float | None:
+    if not decode_only:
+        return len(t.tokens) / t.total_s if t.total_s > 0 else None
+    if t.gen is None:
+        return None
+    seconds = t.total_s - t.gen.prefill_s
+    return (len(t.tokens) - 1) / seconds if seconds > 0 and len(t.tokens) > 1 else None
+
+
+def _ratios(num, den, decode_only: bool = False) -> list[float]:
+    """Per-generation throughput ratios of two runs, paired by (prompt, repeat)."""
+    by = {(t.prompt, t.repeat): _rate(t, decode_only) for t in den.timed}
+    out = []
+    for t in num.timed:
+        a, b = _rate(t, decode_only), by.get((t.prompt, t.repeat))
+        if a is not None and b:
+            out.append(a / b)
+    return out
+
+
+def _against(num, den, name: str) -> dict:
+    """Geometric mean of paired ratios with a 95% interval: end to end and decode only."""
+    f = {}
+    for suffix, decode_only in (("", False), ("_decode", True)):
+        ratios = _ratios(num, den, decode_only)
+        if not ratios:
+            continue
+        mean, low, high = ratio_interval(ratios)
+        f[name + suffix] = mean
+        f[f"{name}{suffix}_ci95"] = [low, high] if low is not None else None
+        f[f"{name}{suffix}_pairs"] = len(ratios)
+    return f
+
+
+def _lossless(r, base, prompts) -> dict:
+    ref = {t.prompt: t.tokens for t in _first_pass(base)}
+    mismatched = [prompts[t.prompt].id for t in _first_pass(r) if t.tokens != ref.get(t.prompt)]
+    return {"lossless": not mismatched, "lossless_mismatches": mismatched}
+
+
+def _predicted(ctx, r, prompts, rec: GenerationRecord) -> dict:
+    """Predicted acceptance on the text this cell visited: each prompt + its own emitted tokens.
+
+    Under lossless speculative sampling the emitted tokens are samples of the target, so the
+    same holds for sample cells. The first emitted token comes from the prefill and was never
+    drafted, so it is not predicted. Greedy cells also replay the drafter over the output.
+    """
+    c = r.cell
+    target = ctx.models.model("target", c.target)
+    sampler = ctx.sampler(c.mode)
+    betas, replayed = [], []
+    for t in _first_pass(r):
+        p = prompts[t.prompt]
+        if len(t.tokens) < 2:
+            continue
+        ids = torch.cat([p.ids, torch.tensor(t.tokens, device=p.ids.device)])
+        drafter = ctx.models.drafter(c.draft)
+        betas.append(on_policy_beta(target, drafter, ids, p.ids.numel() + 1, sampler).cpu())
+        if c.mode == "greedy":
+            drafter = ctx.models.drafter(c.draft)
+            replayed += replay_greedy(drafter, p.ids, t.tokens, c.gamma, p.max_new_tokens)
+    b = torch.cat(betas) if betas else torch.empty(0)
+    if b.numel() == 0:
+        return {}
+    alpha = float(b.mean())
+    se = float(b.std() / b.numel() ** 0.5) if b.numel() > 1 else None
+    f = {
+        "alpha_predicted": alpha,
+        "alpha_predicted_se": se,
+        "alpha_predicted_positions": b.numel(),
+        "alpha_predicted_on": (
+            f"on policy: each prompt + this cell's own {c.mode} output "
+            "(the prefill's token excluded)"
+        ),
+        "tau_predicted": expected_tau(alpha, c.gamma),
+        "acceptance_rate_predicted": expected_acceptance_rate(alpha, c.gamma),
+    }
+    if rec.alpha_measured is not None and rec.tested:
+        a, n = rec.alpha_measured, rec.tested
+        tolerance = max(AGREEMENT, 2 * (a * (1 - a) / n) ** 0.5)
+        f.update(alpha_gap=a - alpha, alpha_agrees=abs(a - alpha) <= tolerance)
+    if replayed:
+        measured = [(s.drafted, s.accepted, s.emitted) for t in _first_pass(r) for s in t.gen.steps]
+        rep = acceptance(replayed, c.gamma)
+        f.update(
+            tau_replay=rep["tau"],
+            alpha_replay=rep["alpha_measured"],
+            replay_exact=measured == [(s.drafted, s.accepted, s.emitted) for s in replayed],
+        )
+    return f
+
+
+def _cost_model(r, base, tau_predicted) -> dict:
+    """Predicted speedup tau / (gamma c + v) with c and v measured over every timed step."""
+    base_step = _step_s(base)
+    steps = [s for t in r.timed for s in t.gen.steps]
+    drafted = sum(s.drafted for s in steps)
+    if not base_step or not steps or tau_predicted is None:
+        return {}
+    c = sum(s.draft_s for s in steps) / max(drafted, 1) / base_step
+    v = sum(s.verify_s for s in steps) / len(steps) / base_step
+    return {
+        "draft_cost_ratio": c,
+        "verify_cost_ratio": v,
+        "speedup_predicted": tau_predicted / (r.cell.gamma * c + v),
+    }
