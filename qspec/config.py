@@ -106,7 +106,8 @@ class RunConfig(Strict):
     suites: list[str] = Field(default=["default"], min_length=1)
     seed: int = 0
     max_new_tokens: int = Field(default=32, ge=1, le=4096)
-    max_prompts: int = Field(default=2, ge=1)
+    # per suite; speedup intervals are over prompts, so fewer than 3 leave them very wide
+    max_prompts: int = Field(default=4, ge=1)
     warmup: int = Field(default=1, ge=0, description="untimed generations before each cell")
     # torch.compile of the one-token draft step and the (gamma+1)-token verify step.
     # None: on for CUDA (with CUDA graphs), off for CPU, where compiling costs more than it saves.

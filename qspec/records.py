@@ -174,9 +174,9 @@ class GenerationRecord(Record):
     per_prompt_acceptance_rate: Spread | None = None
     per_prompt_tau: Spread | None = None
     # against the target-only baseline of the same target and mode, paired per generation
-    speedup: float | None = None  # geometric mean of per-(prompt, repeat) ratios
+    speedup: float | None = None  # geometric mean of paired per-prompt ratios
     speedup_ci95: list[float] | None = None
-    speedup_pairs: int | None = None
+    speedup_pairs: int | None = None  # prompts behind the interval
     speedup_decode: float | None = None  # the same, prefill excluded
     speedup_decode_ci95: list[float] | None = None
     speedup_decode_pairs: int | None = None

@@ -8,6 +8,8 @@ moments apart (generation.py interleaves them), and the interval comes from thos
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qspec.environment import describe
@@ -165,18 +167,20 @@ def _rate(t, decode_only: bool) -> float | None:
 
 
 def _ratios(num, den, decode_only: bool = False) -> list[float]:
-    """Per-generation throughput ratios of two runs, paired by (prompt, repeat)."""
+    """Per-prompt throughput ratios of two runs, each generation paired with the other run's
+    generation of the same prompt and repeat; repeats of a prompt are averaged (geometric
+    mean), so n is the number of prompts and prompt-to-prompt variation is in the interval."""
     by = {(t.prompt, t.repeat): _rate(t, decode_only) for t in den.timed}
-    out = []
+    logs: dict[int, list[float]] = {}
     for t in num.timed:
         a, b = _rate(t, decode_only), by.get((t.prompt, t.repeat))
-        if a is not None and b:
-            out.append(a / b)
-    return out
+        if a and b:
+            logs.setdefault(t.prompt, []).append(math.log(a / b))
+    return [math.exp(sum(xs) / len(xs)) for xs in logs.values()]
 
 
 def _against(num, den, name: str) -> dict:
-    """Geometric mean of paired ratios with a 95% interval: end to end and decode only."""
+    """Geometric mean of paired per-prompt ratios with a 95% interval: end to end and decode only."""
     f = {}
     for suffix, decode_only in (("", False), ("_decode", True)):
         ratios = _ratios(num, den, decode_only)
