@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qspec.models import DEFAULT_MODEL
-from qspec.precisions import MODEL_FREE_DRAFTER_NAMES, PRECISION_NAMES
+from qspec.precisions import PRECISION_NAMES, check_drafter
 
 MAX_GAMMA = 16
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -61,12 +61,10 @@ class DraftSpec(ModelSpec):
     @field_validator("precisions")
     @classmethod
     def _known_precisions(cls, precisions: list[str]) -> list[str]:
-        allowed = [*PRECISION_NAMES, *MODEL_FREE_DRAFTER_NAMES]
-        unknown = [p for p in precisions if p not in allowed]
-        if unknown:
-            raise ValueError(
-                f"unknown precision or drafter {unknown[0]!r} (allowed: {', '.join(allowed)})"
-            )
+        for name in precisions:
+            problem = check_drafter(name)
+            if problem:
+                raise ValueError(problem)
         return precisions
 
 

@@ -6,6 +6,9 @@ The builders behind them live in variants.py (PRECISIONS) and drafters.py
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 PRECISION_NAMES = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "gptq-int4")
 MODEL_FREE_DRAFTER_NAMES = ("ngram",)
 
@@ -20,3 +23,55 @@ def reference_precision(precisions: list[str], device: str) -> str:
         if p in precisions:
             return p
     return max(precisions, key=lambda p: FIDELITY.get(p, 0))
+
+
+# Layer-skip self-drafts (layerskip.py): skip-50%, skip:3,5,7, skip-search, nf4+skip-50%
+_SKIP = re.compile(
+    r"^(?:(?P<precision>[\w-]+?)\+)?skip"
+    r"(?:-(?P<pct>\d{1,2})%|:(?P<layers>\d+(?:,\d+)*)|(?P<search>-search))$"
+)
+
+
+@dataclass(frozen=True)
+class SkipName:
+    precision: str | None  # None: the cell's own target variant
+    fraction: float | None = None
+    layers: tuple[int, ...] | None = None
+    search: bool = False
+
+
+def parse_skip(name: str) -> SkipName | None:
+    """The parts of a layer-skip drafter name, or None when it is not one."""
+    m = _SKIP.match(name)
+    if m is None:
+        return None
+    layers = tuple(int(x) for x in m["layers"].split(",")) if m["layers"] else None
+    fraction = int(m["pct"]) / 100 if m["pct"] else None
+    return SkipName(m["precision"], fraction, layers, bool(m["search"]))
+
+
+def draft_variant(name: str) -> str | None:
+    """The precision a drafter needs built as a draft model, or None (model-free, or the
+    target's own variant)."""
+    if name in PRECISION_NAMES:
+        return name
+    skip = parse_skip(name)
+    return skip.precision if skip is not None else None
+
+
+def check_drafter(name: str) -> str | None:
+    """None when `name` names a drafter, else what is wrong with it."""
+    if name in PRECISION_NAMES or name in MODEL_FREE_DRAFTER_NAMES:
+        return None
+    skip = parse_skip(name)
+    if skip is None:
+        allowed = ", ".join([*PRECISION_NAMES, *MODEL_FREE_DRAFTER_NAMES])
+        return (
+            f"unknown precision or drafter {name!r} (allowed: {allowed}, or a layer-skip "
+            "draft such as skip-50%, skip:3,5,7, skip-search, nf4+skip-50%)"
+        )
+    if skip.precision is not None and skip.precision not in PRECISION_NAMES:
+        return f"{name!r}: unknown precision {skip.precision!r} before '+skip'"
+    if skip.fraction is not None and not 0 < skip.fraction < 1:
+        return f"{name!r}: the skipped share must be between 1% and 99%"
+    return None

@@ -130,6 +130,7 @@ class GenerationRecord(Record):
     draft: str | None = None
     gamma: int = 0
     mode: Mode = "greedy"
+    draft_skip: list[int] | None = None  # a layer-skip draft: the decoder layers it leaves out
     reference: str | None = None  # the reference target precision of the run
     hardware: str | None = None  # one-line label of what it was measured on
     # workload

@@ -8,7 +8,7 @@ import traceback
 from collections.abc import Iterator
 
 from qspec.plan import key_of_variant
-from qspec.precisions import MODEL_FREE_DRAFTER_NAMES
+from qspec.precisions import draft_variant
 from qspec.quality import tokenize_corpus
 from qspec.records import VariantRecord
 from qspec.stages.context import RunContext
@@ -21,7 +21,8 @@ INVARIANCE_POSITIONS = 128  # compared positions per variant: a few seconds each
 def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
     cfg, models = ctx.cfg, ctx.models
     roles = [("target", p) for p in cfg.target.precisions]
-    roles += [("draft", p) for p in cfg.draft.precisions if p not in MODEL_FREE_DRAFTER_NAMES]
+    drafts = [draft_variant(name) for name in cfg.draft.precisions]
+    roles += [("draft", p) for p in dict.fromkeys(drafts) if p is not None]
     seen = set()
     text = None
     for role, precision in roles:

@@ -48,7 +48,7 @@ def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
     )
     if r.status != "ok":
         return rec
-    f: dict = {"n_prompts": len(prompts), "repeats": ctx.cfg.repeats}
+    f: dict = {"n_prompts": len(prompts), "repeats": ctx.cfg.repeats, "draft_skip": r.draft_skip}
     invariance = ctx.models.build("target", c.target).invariance
     f["target_batch_invariant"] = invariance["batch_invariant"] if invariance else None
     f.update(_memory(ctx, r))
@@ -215,10 +215,10 @@ def _predicted(ctx, r, prompts, rec: GenerationRecord) -> dict:
         if len(t.tokens) < 2:
             continue
         ids = torch.cat([p.ids, torch.tensor(t.tokens, device=p.ids.device)])
-        drafter = ctx.models.drafter(c.draft)
+        drafter = ctx.models.drafter(c.draft, c.target)
         betas.append(on_policy_beta(target, drafter, ids, p.ids.numel() + 1, sampler).cpu())
         if c.mode == "greedy":
-            drafter = ctx.models.drafter(c.draft)
+            drafter = ctx.models.drafter(c.draft, c.target)
             replayed += replay_greedy(drafter, p.ids, t.tokens, c.gamma, p.max_new_tokens)
     b = torch.cat(betas) if betas else torch.empty(0)
     if b.numel() == 0:

@@ -5,6 +5,8 @@ A stage is a function of a RunContext that yields records; it never writes them 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 import traceback
@@ -17,9 +19,10 @@ import torch
 from qspec.config import RunConfig
 from qspec.drafters import MODEL_FREE_DRAFTERS, ModelDrafter, check_same_tokenizer
 from qspec.environment import versions
+from qspec.layerskip import LayerSkip, decoder_layers, middle_layers, search_skip
 from qspec.models import ResolvedModel, resolve
 from qspec.plan import Cell, Finished
-from qspec.precisions import reference_precision
+from qspec.precisions import parse_skip, reference_precision
 from qspec.records import Status
 from qspec.sampling import Sampler, sampler_for
 from qspec.variants import BuildContext, VariantUnavailable, build, weight_bytes
@@ -54,6 +57,7 @@ class Models:
         self.cfg, self.device, self.calibration = cfg, device, calibration
         self.built: dict[tuple[str, str], Built] = {}
         self.errors: dict[str, str] = {}  # role -> why that model cannot be used at all
+        self.searches: dict[tuple[str, str], dict] = {}  # layer-skip searches, per variant
         self.target_ref = self.draft_ref = self.tokenizer = None
         try:
             self.target_ref = resolve(cfg.target.ref)
@@ -115,11 +119,35 @@ class Models:
             raise Skip(built.status, reason)
         return built.model
 
-    def drafter(self, precision: str):
-        """A fresh drafter (n-gram, or a model drafter over the built draft variant), or Skip."""
-        if precision in MODEL_FREE_DRAFTERS:
-            return MODEL_FREE_DRAFTERS[precision](max_ngram=self.cfg.draft.ngram_max)
-        return ModelDrafter(self.model("draft", precision), name=precision)
+    def drafter(self, name: str, target: str | None = None):
+        """A fresh drafter, or Skip: n-gram lookup, a built draft variant, or a layer-skip
+        draft over the cell's target variant (`target`) or a draft variant."""
+        if name in MODEL_FREE_DRAFTERS:
+            return MODEL_FREE_DRAFTERS[name](max_ngram=self.cfg.draft.ngram_max)
+        skip = parse_skip(name)
+        if skip is None:
+            return ModelDrafter(self.model("draft", name), name=name)
+        if skip.precision is None and target is None:
+            raise Skip("unavailable", f"{name}: a layer-skip draft of the target needs a target")
+        role, precision = ("draft", skip.precision) if skip.precision else ("target", target)
+        base = self.model(role, precision)
+        if skip.search:
+            layers = self.skip_search(role, precision)["skip"]
+        elif skip.layers is not None:
+            layers = skip.layers
+        else:
+            layers = middle_layers(len(decoder_layers(base)), skip.fraction)
+        try:
+            return ModelDrafter(LayerSkip(base, tuple(layers)), name=name)
+        except ValueError as err:
+            raise Skip("failed", f"{name}: {err}") from None
+
+    def skip_search(self, role: str, precision: str) -> dict:
+        """The searched skip set of a variant: once per run, and cached on disk across runs."""
+        key = (role, precision)
+        if key not in self.searches:
+            self.searches[key] = _cached_search(self, role, precision)
+        return self.searches[key]
 
 
 @dataclass
@@ -145,6 +173,33 @@ class RunContext:
     def sampler(self, mode: str) -> Sampler:
         s = self.cfg.sampling
         return sampler_for(mode, s.temperature, s.top_k, s.top_p)
+
+
+SEARCH_TOKENS = 256
+
+
+def _cached_search(models: Models, role: str, precision: str) -> dict:
+    """search_skip on the calibration (suite corpus) text, reusing a stored result."""
+    from qspec.cache import cache_root
+
+    text = "\n\n".join(models.calibration)
+    ref = models.ref(role)
+    gamma = max(models.cfg.gammas)
+    blob = json.dumps([ref.location, precision, gamma, SEARCH_TOKENS, text], sort_keys=True)
+    path = cache_root() / "skip-search" / f"{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    ids = models.tokenizer(text, add_special_tokens=False)["input_ids"][:SEARCH_TOKENS]
+    if len(ids) < 2 * (gamma + 2):
+        raise Skip("unavailable", "skip-search needs suite corpus text to search on")
+    model = models.model(role, precision)
+    result = search_skip(model, torch.tensor(ids, device=models.device), gamma)
+    result.update(model=ref.ref, precision=precision, gamma=gamma)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    return result
 
 
 def _tokenizer(model: ResolvedModel, trust_remote_code: bool):

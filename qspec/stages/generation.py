@@ -21,9 +21,10 @@ import torch
 from qspec.baselines import hf_assisted
 from qspec.engine import Generation, generate
 from qspec.environment import describe
+from qspec.layerskip import LayerSkip
 from qspec.memory import peak_bytes, reset_peak
 from qspec.plan import Cell, groups, key_of_cell, plan
-from qspec.precisions import MODEL_FREE_DRAFTER_NAMES
+from qspec.precisions import MODEL_FREE_DRAFTER_NAMES, draft_variant
 from qspec.prompts import EncodedPrompt, encode_prompts, stop_ids
 from qspec.records import GenerationRecord, Kind
 from qspec.stages.cell_figures import cell_record
@@ -58,6 +59,7 @@ class CellRun:
     compile_s: float | None = None
     compile_error: str | None = None
     own_weights: int = 0
+    draft_skip: list[int] | None = None  # the layers a layer-skip draft leaves out
 
 
 def generation_stage(ctx: RunContext, progress) -> Iterator[GenerationRecord]:
@@ -153,10 +155,15 @@ def _prepare(ctx: RunContext, r: CellRun, prompts: list[EncodedPrompt]) -> None:
     target = ctx.models.model("target", cell.target)
     if not prompts:
         raise Skip("unavailable", f"suite {cell.suite!r} declares no prompts")
-    drafter = ctx.models.drafter(cell.draft) if cell.draft is not None else None
+    drafter = ctx.models.drafter(cell.draft, cell.target) if cell.draft is not None else None
     r.own_weights = ctx.models.build("target", cell.target).weights_bytes or 0
-    if getattr(drafter, "model", None) is not None:
-        r.own_weights += ctx.models.build("draft", cell.draft).weights_bytes or 0
+    own_draft = draft_variant(cell.draft) if cell.draft is not None else None
+    if own_draft is not None:  # a layer-skip draft of the target itself adds no weights
+        r.own_weights += ctx.models.build("draft", own_draft).weights_bytes or 0
+    if isinstance(getattr(drafter, "model", None), LayerSkip):
+        r.draft_skip = list(drafter.model.skip)
+        if cell.kind == Kind.HF_ASSISTED:
+            raise Skip("unavailable", "transformers' assisted generation has no layer-skip draft")
     if cell.kind == Kind.HF_ASSISTED:
         r.run = _hf_runner(ctx, cell, target, drafter, prompts)
     else:

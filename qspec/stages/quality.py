@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from qspec.metrics import expected_acceptance_rate, expected_tau
 from qspec.plan import key_of_record, key_of_stage
-from qspec.precisions import MODEL_FREE_DRAFTER_NAMES
+from qspec.precisions import PRECISION_NAMES
 from qspec.quality import quality_pass, tokenize_corpus
 from qspec.records import Kind, PairScreenRecord, PredictedAt, QualityRecord, Record
 from qspec.stages.context import RunContext, Skip
@@ -62,8 +62,8 @@ def suite_quality(ctx: RunContext, suite, progress) -> list[Record]:
         model = _built(ctx, "target", precision)
         if model is not None:
             models[precision] = model
-    for precision in cfg.draft.precisions:
-        model = None if precision in MODEL_FREE_DRAFTER_NAMES else _built(ctx, "draft", precision)
+    for precision in cfg.draft.precisions:  # model drafts only: no n-gram, no layer-skip
+        model = _built(ctx, "draft", precision) if precision in PRECISION_NAMES else None
         if model is not None:
             name = precision if ctx.models.same_model else f"draft:{precision}"
             names[precision] = name

@@ -82,7 +82,7 @@ def lossless_checks(ctx: RunContext, suite, progress) -> Iterator[TaskLosslessRe
                 continue
             rec = TaskLosslessRecord(key=key, task=task, **coords)
             try:
-                ctx.models.drafter(draft)
+                ctx.models.drafter(draft, target)
             except Skip as skip:
                 yield rec.model_copy(update={"status": skip.status, "error": skip.reason})
                 continue
@@ -94,7 +94,7 @@ def lossless_checks(ctx: RunContext, suite, progress) -> Iterator[TaskLosslessRe
                         ctx.models.tokenizer,
                         suite,
                         ctx.work_dir,
-                        drafter_factory=lambda d=draft: ctx.models.drafter(d),
+                        drafter_factory=lambda d=draft, t=target: ctx.models.drafter(d, t),
                         gamma=gamma,
                         task=task,
                         limit=cfg.tasks.limit,
