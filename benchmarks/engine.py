@@ -16,8 +16,9 @@ untimed warm-up and is printed on its own line.
     python benchmarks/engine.py --random 1b --target fp16 --draft fp16     # speed only
 
 --random builds a Llama of a realistic size with random weights (saved once under
-$QSPEC_CACHE/random/), for speed and roofline figures where real weights of that size
-cannot be downloaded. Its acceptance means nothing except with a self-draft.
+$QSPEC_CACHE/random-models/, where `qspec cache list`, `qspec cache clear` and the cache
+limit see it like any entry), for speed and roofline figures where real weights of that
+size cannot be downloaded. Its acceptance means nothing except with a self-draft.
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ import time
 
 import torch
 
+from qspec import cache
 from qspec.baselines import hf_assisted, hf_generate
 from qspec.drafters import MODEL_FREE_DRAFTERS, ModelDrafter
 from qspec.engine import generate, sync
 from qspec.environment import describe, pick_device
 from qspec.metrics import acceptance
-from qspec.models import cache_root, resolve
-from qspec.roofline import copy_bandwidth, roofline
+from qspec.models import resolve
 from qspec.plan import spread
 from qspec.prompts import prompt_ids
+from qspec.roofline import copy_bandwidth, roofline
 from qspec.sampling import sampler_for
 from qspec.suites import load_suite
 from qspec.variants import BuildContext, build, weight_bytes
@@ -72,28 +74,37 @@ RANDOM_SHAPES = {
 
 
 def random_model_dir(size: str, tokenizer_dir: str) -> str:
-    """A random-weight Llama of the given size on disk (built once), with the default tokenizer."""
+    """A random-weight Llama of the given size on disk (built once), with the default tokenizer.
+
+    Built in a temporary folder and moved into place whole: an interrupted multi-GB build
+    is never mistaken for a finished one.
+    """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    out = cache_root() / "random" / f"llama-{size}"
-    if not (out / "config.json").exists():
-        hidden, inter, layers, heads, kv = RANDOM_SHAPES[size]
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-        cfg = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=hidden,
-            intermediate_size=inter,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            max_position_embeddings=4096,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            torch_dtype="float16",
-        )
-        torch.manual_seed(0)
-        LlamaForCausalLM(cfg).half().save_pretrained(out)
-        tok.save_pretrained(out)
+    out = cache.entry_dir("random-models", f"llama-{size}")
+    if (out / "config.json").exists():
+        cache.touch(out)
+        return str(out)
+    hidden, inter, layers, heads, kv = RANDOM_SHAPES[size]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        torch_dtype="float16",
+    )
+    torch.manual_seed(0)
+    with cache.atomic_dir(out) as tmp:
+        LlamaForCausalLM(cfg).half().save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    cache.touch(out)
+    cache.enforce_limit(keep=out)
     return str(out)
 
 

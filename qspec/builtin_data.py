@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import importlib.util
 import json
-import os
 import random
 import sysconfig
 from pathlib import Path
+
+from qspec import cache
 
 # Documentation topics that go into the corpus (short, prose-heavy ones).
 CORPUS_TOPICS = [
@@ -240,12 +242,6 @@ def prompts() -> list[dict]:
     return out
 
 
-def cache_dir() -> Path:
-    """Where generated task files go: $QSPEC_CACHE or ~/.cache/qspec, under suites/default."""
-    root = os.environ.get("QSPEC_CACHE") or Path.home() / ".cache" / "qspec"
-    return Path(root) / "suites" / "default"
-
-
 def docname_docs() -> list[dict]:
     """Multiple choice: given a function's docstring summary, pick its name among 4 from its module."""
     docs = []
@@ -387,27 +383,32 @@ metadata:
 """
 
 
-def _write_if_changed(path: Path, text: str) -> None:
-    """Atomic write that leaves an identical file alone (concurrent runs share the cache)."""
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _jsonl(docs: list[dict]) -> str:
     return "".join(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in docs)
 
 
 def tasks() -> list[Path]:
-    """Write the two lm-eval YAML tasks and their data into the cache; return the YAML paths."""
-    out = cache_dir()
-    mc_data, gen_data = out / f"{MC_TASK}.jsonl", out / f"{GEN_TASK}.jsonl"
-    _write_if_changed(mc_data, _jsonl(docname_docs()))
-    _write_if_changed(gen_data, _jsonl(import_docs()))
-    mc_yaml, gen_yaml = out / f"{MC_TASK}.yaml", out / f"{GEN_TASK}.yaml"
-    _write_if_changed(mc_yaml, MC_YAML.format(task=MC_TASK, data=json.dumps(str(mc_data))))
-    _write_if_changed(gen_yaml, GEN_YAML.format(task=GEN_TASK, data=json.dumps(str(gen_data))))
-    return [mc_yaml, gen_yaml]
+    """Write the two lm-eval YAML tasks and their data into the cache; return the YAML paths.
+
+    The entry is named by a hash of its data, so Pythons of different versions sharing one
+    cache never rewrite each other's files, and an existing entry is never changed under a
+    running evaluation. It is written whole with atomic_dir; the YAMLs name their data by
+    absolute path, so they are rewritten when the entry is missing or the cache has moved.
+    """
+    data = {MC_TASK: _jsonl(docname_docs()), GEN_TASK: _jsonl(import_docs())}
+    key = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    out = cache.entry_dir("suites", f"default-{key}")
+    files = {f"{name}.jsonl": text for name, text in data.items()}
+    for name, template in ((MC_TASK, MC_YAML), (GEN_TASK, GEN_YAML)):
+        data_file = json.dumps(str(out / f"{name}.jsonl"))
+        files[f"{name}.yaml"] = template.format(task=name, data=data_file)
+    if not all(_has(out / name, text) for name, text in files.items()):
+        with cache.atomic_dir(out) as tmp:
+            for name, text in files.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+    cache.touch(out)
+    return [out / f"{MC_TASK}.yaml", out / f"{GEN_TASK}.yaml"]
+
+
+def _has(path: Path, text: str) -> bool:
+    return path.is_file() and path.read_text(encoding="utf-8") == text

@@ -1,23 +1,76 @@
-"""The on-disk cache of converted and quantized models: sizes, a limit, least-recently-used eviction.
+"""The on-disk cache: where it lives, what it holds, atomic writes, least-recently-used eviction.
 
-Each entry is a folder under $QSPEC_CACHE/<kind>/<name>. Using an entry touches its
-`.qspec-last-used` stamp; when the cache grows past its limit (QSPEC_CACHE_MAX_GB, default
-20), the entries used longest ago are deleted first, never the one just written.
+Everything qspec keeps between runs lives under cache_root() ($QSPEC_CACHE, default
+~/.cache/qspec), one folder per kind (KINDS), one entry per folder or file inside it.
+Entries are written with atomic_dir, so an entry that exists is complete. Using an
+entry touches its `.qspec-last-used` stamp; when the cache grows past its limit
+(QSPEC_CACHE_MAX_GB, default 20), the entries used longest ago are deleted first,
+never the one just written. This module imports nothing else from qspec.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from qspec.models import cache_root
-
-KINDS = ("models", "gptq", "suites")
+KINDS = {
+    "models": "converted models (the default model dequantized to safetensors)",
+    "gptq": "GPTQ int4 models, keyed by model and calibration text",
+    "suites": "files generated for built-in suites (lm-eval task YAML and data)",
+    "random-models": "random-weight models of realistic size built by benchmarks/engine.py",
+    "skip-search": "layer-skip search results, one JSON file each",
+}
 STAMP = ".qspec-last-used"
 DEFAULT_LIMIT_GB = 20.0
+TEMP_MARK = ".tmp-"  # in the names of unfinished atomic_dir folders: .<name>.tmp-<pid>-<random>
+
+
+def cache_root() -> Path:
+    """Where every cache entry lives: $QSPEC_CACHE or ~/.cache/qspec (the one reader of it)."""
+    raw = os.environ.get("QSPEC_CACHE") or Path.home() / ".cache" / "qspec"
+    return Path(raw).expanduser()
+
+
+def entry_dir(kind: str, name: str) -> Path:
+    """The path of one entry; kinds are fixed here so that list, clear and the limit see them all."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown cache kind {kind!r} (known: {', '.join(KINDS)})")
+    return cache_root() / kind / name
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; move it to `final` only if the block succeeds.
+
+    A reader never sees a half-written entry and an interrupted build leaves nothing that
+    looks finished: on an exception the temporary folder is removed and `final` is left
+    as it was. An existing `final` is replaced (moved aside, then deleted). If another
+    process puts the same entry in place in the same instant, its copy stays.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}{TEMP_MARK}{os.getpid()}-"))
+    old = final.with_name(f"{tmp.name}-old")
+    try:
+        yield tmp
+        try:
+            final.rename(old)
+        except FileNotFoundError:
+            pass
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass
@@ -38,35 +91,69 @@ def limit_bytes() -> int:
 
 
 def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def touch(path: Path) -> None:
-    """Mark an entry as used now."""
+    """Mark an entry folder as used now."""
     stamp = Path(path) / STAMP
     stamp.touch()
     os.utime(stamp)
 
 
 def entries(root: Path | None = None) -> list[Entry]:
+    """Every finished entry of every kind (hidden names, such as unfinished builds, are not)."""
     root = root or cache_root()
     out = []
     for kind in KINDS:
         folder = root / kind
         if not folder.is_dir():
             continue
-        for path in sorted(
-            p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-        ):
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith(".") or path.suffix == ".tmp":
+                continue
             stamp = path / STAMP
             used = stamp.stat().st_mtime if stamp.exists() else path.stat().st_mtime
             out.append(Entry(kind, path.name, path, _size(path), used))
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def leftovers(root: Path | None = None) -> list[Path]:
+    """Unfinished atomic_dir folders whose process is gone (killed before it could clean up)."""
+    root = root or cache_root()
+    out = []
+    for kind in KINDS:
+        for path in sorted((root / kind).glob(f".*{TEMP_MARK}*")):
+            pid = path.name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                out.append(path)
+    return out
+
+
 def enforce_limit(keep: Path | None = None, limit: int | None = None) -> list[Entry]:
     """Delete least recently used entries until the cache fits the limit; returns what was deleted."""
     limit = limit_bytes() if limit is None else limit
+    for path in leftovers():
+        _remove(path)
     all_entries = sorted(entries(), key=lambda e: e.last_used)
     total = sum(e.bytes for e in all_entries)
     removed = []
@@ -75,18 +162,21 @@ def enforce_limit(keep: Path | None = None, limit: int | None = None) -> list[En
             break
         if keep is not None and e.path.resolve() == Path(keep).resolve():
             continue
-        shutil.rmtree(e.path, ignore_errors=True)
+        _remove(e.path)
         total -= e.bytes
         removed.append(e)
     return removed
 
 
 def clear(names: list[str] | None = None) -> list[Entry]:
-    """Delete the named entries ('kind/name' or 'name'), or every entry."""
+    """Delete the named entries ('kind/name' or 'name'), or every entry and unfinished build."""
+    if not names:
+        for path in leftovers():
+            _remove(path)
     gone = []
     for e in entries():
         if not names or e.name in names or f"{e.kind}/{e.name}" in names:
-            shutil.rmtree(e.path, ignore_errors=True)
+            _remove(e.path)
             gone.append(e)
     return gone
 

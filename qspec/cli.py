@@ -153,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--max-ppl-increase-pct", type=float, default=5.0)
     rp.add_argument("--max-accuracy-drop-points", type=float, default=2.0)
     rp.set_defaults(func=_report)
-    ca = sub.add_parser("cache", help="list or clear converted/quantized models in the cache")
+    ca = sub.add_parser(
+        "cache",
+        help="list or clear cache entries (models, gptq, suites, random-models, skip-search)",
+    )
     ca.add_argument("action", choices=["list", "clear"])
     ca.add_argument("names", nargs="*", help="entries to clear (kind/name or name); default all")
     ca.set_defaults(func=_cache)

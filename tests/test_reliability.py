@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 import pytest
 from conftest import write_config
 
-from qspec import cache, store
+from qspec import store
 from qspec.cli import main
 from qspec.config import load_config
 from qspec.report import write_report
@@ -123,25 +122,3 @@ def test_same_config_and_seed_repeat_exactly(tmp_path, tiny_model_dir):
     run = json.loads((tmp_path / "a" / "run.json").read_text())
     for needed in ("config", "versions", "hardware", "seed"):
         assert run.get(needed) is not None, needed
-
-
-def test_cache_evicts_least_recently_used_entries(tmp_path, monkeypatch):
-    monkeypatch.setenv("QSPEC_CACHE", str(tmp_path))
-    for i, name in enumerate(["old", "middle", "new"]):
-        d = tmp_path / "models" / name
-        d.mkdir(parents=True)
-        (d / "weights.bin").write_bytes(b"x" * 1000)
-        cache.touch(d)
-        os.utime(d / cache.STAMP, (1000 + i, 1000 + i))
-    removed = cache.enforce_limit(keep=tmp_path / "models" / "old", limit=2100)
-    assert [e.name for e in removed] == ["middle"]
-    assert sorted(e.name for e in cache.entries()) == ["new", "old"]
-    assert main(["cache", "list"]) == 0
-    assert main(["cache", "clear", "models/new"]) == 0
-    assert [e.name for e in cache.entries()] == ["old"]
-
-
-def test_cache_limit_must_be_a_number(monkeypatch):
-    monkeypatch.setenv("QSPEC_CACHE_MAX_GB", "lots")
-    with pytest.raises(ValueError, match="QSPEC_CACHE_MAX_GB='lots'"):
-        cache.limit_bytes()
