@@ -2,10 +2,10 @@
 
 A suite is a folder holding ``suite.toml`` plus data files. Suites are found, first
 match wins for a name: paths given explicitly, directories on ``QSPEC_SUITES_PATH``,
-the project's ``suites/`` folder, then installed packages exposing the entry point
-group ``qspec.suites``. Loading validates everything (TOML keys, file existence,
-every JSONL line, task YAMLs) so a malformed suite fails before any model loads.
-Only this module's light imports run during discovery.
+the built-in suites (package data in ``qspec/builtin_suites/``), then installed
+packages exposing the entry point group ``qspec.suites``. Loading validates everything
+(TOML keys, file existence, every JSONL line, task YAMLs) so a malformed suite fails
+before any model loads. Only this module's light imports run during discovery.
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ def show(path: Path) -> str:
 
 
 def builtin_suites_dir() -> Path:
-    """The project's suites/ folder (next to the qspec package)."""
-    return Path(__file__).resolve().parent.parent / "suites"
+    """The built-in suites: package data inside qspec, so an installed wheel has them too."""
+    return Path(__file__).resolve().parent / "builtin_suites"
 
 
 def _read_text(path: Path) -> str:
@@ -570,9 +570,9 @@ def _entry_points() -> list[tuple[str, Path | None, str, str | None]]:
 def discover_suites(extra_paths: Sequence[Path] = ()) -> dict[str, tuple[Path, str]]:
     """Map suite name -> (folder, origin); earlier sources win for the same name.
 
-    Sources in order: `extra_paths` ("path"), QSPEC_SUITES_PATH, the project's
-    suites/ folder ("builtin"), entry points ("entry point <dist>"). Each path may be
-    a suite folder or a directory of suite folders. Nothing is validated here.
+    Sources in order: `extra_paths` ("path"), QSPEC_SUITES_PATH, the package's
+    builtin_suites/ folder ("builtin"), entry points ("entry point <dist>"). Each path
+    may be a suite folder or a directory of suite folders. Nothing is validated here.
     """
     found: dict[str, tuple[Path, str]] = {}
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qspec import builtin_data
+from qspec import builtin_data, cache
 from qspec.suites import (
     Prompt,
     Suite,
     SuiteError,
+    builtin_suites_dir,
     discover_suites,
     list_suites,
     load_suite,
@@ -108,6 +109,36 @@ def test_default_content_is_deterministic():
     assert generate() == generate()
     first = [p.read_text() for p in builtin_data.tasks()]
     assert [p.read_text() for p in builtin_data.tasks()] == first
+
+
+def test_default_task_files_are_one_atomic_cache_entry():
+    """Written whole into suites/default-<hash of the data>, reused untouched, rebuilt if damaged."""
+    files = builtin_data.tasks()
+    entry = files[0].parent
+    assert entry.parent == cache.cache_root() / "suites" and entry.name.startswith("default-")
+    assert [(e.kind, e.name) for e in cache.entries()] == [("suites", entry.name)]
+    assert sorted(p.name for p in entry.iterdir() if p.name != cache.STAMP) == sorted(
+        f"{t}.{ext}"
+        for t in (builtin_data.MC_TASK, builtin_data.GEN_TASK)
+        for ext in ("jsonl", "yaml")
+    )
+    written = files[0].stat().st_ino
+    assert builtin_data.tasks() == files and files[0].stat().st_ino == written  # not rewritten
+    (entry / f"{builtin_data.MC_TASK}.jsonl").write_text("torn")
+    assert builtin_data.tasks() == files
+    assert (entry / f"{builtin_data.MC_TASK}.jsonl").read_text().count("\n") >= 50
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]  # no temp folders
+
+
+def test_builtin_suites_are_package_data():
+    """Inside the qspec package (so a wheel ships them), not in a folder beside it."""
+    import qspec
+
+    folder = builtin_suites_dir()
+    assert folder.parent == Path(qspec.__file__).resolve().parent
+    found = discover_suites()
+    for name in ("default", "standard", "example-custom"):
+        assert found[name] == (folder / name, "builtin")
 
 
 def test_standard_suite_lists_registry_tasks_offline():
