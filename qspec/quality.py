@@ -23,15 +23,15 @@ import numpy as np
 import torch
 
 from qspec.sampling import Sampler
+from qspec.stats import Z95, wilson
 
 ROW_CHUNK = 128  # positions per statistics chunk: bounds the float32 (rows, vocab) temporaries
 
 
 @dataclass
 class QualityResult:
-    variants: dict[
-        str, dict
-    ]  # per variant: ppl, KL vs reference, top-1, delta-p (see _variant_summary)
+    # per variant: ppl, paired ln ppl ratio, KL vs reference, top-1, delta-p (_variant_summary)
+    variants: dict[str, dict]
     pairs: dict[tuple[str, str], dict]  # (target, draft) -> predicted alpha, greedy and sampled
     tokens: int  # scored positions
     windows: int
@@ -102,13 +102,31 @@ def _mean_se(x: torch.Tensor) -> tuple[float | None, float | None]:
     return mean, se
 
 
-def _variant_summary(nll, kl, top1, dp, ppl_ref: float | None) -> dict:
+def _paired_ln_ratio(nll, ref_nll) -> dict:
+    """ln(PPL_variant / PPL_reference) as the mean of per-position nll differences, with its SE.
+
+    Paired over the same positions (llama.cpp's perplexity tool reports the same figure): the
+    spread of nll across positions, far larger than the difference, cancels, so a small drop
+    is resolved where two unpaired perplexities with their own errors would overlap.
+    """
+    if nll.numel() == 0 or nll.shape != ref_nll.shape:
+        return {"ln_ppl_ratio": None, "ln_ppl_ratio_se": None, "ppl_ratio_ci95": None}
+    mean, se = _mean_se(nll.double() - ref_nll.double())
+    ci = None
+    if se is not None:
+        ci = [math.exp(mean - Z95 * se), math.exp(mean + Z95 * se)]
+    return {"ln_ppl_ratio": mean, "ln_ppl_ratio_se": se, "ppl_ratio_ci95": ci}
+
+
+def _variant_summary(nll, kl, top1, dp, ref_nll) -> dict:
     """Per-variant figures. ppl_se is the delta method: ppl * std(nll) / sqrt(n).
 
-    Standard errors treat positions as independent; neighbouring positions share context, so
-    they are a lower bound on the real uncertainty.
+    Standard errors (and the intervals built on them: ln_ppl_ratio's, top-1's Wilson) treat
+    positions as independent; neighbouring positions share context, so they are a lower
+    bound on the real uncertainty.
     """
     n = nll.numel()
+    ppl_ref = math.exp(ref_nll.double().mean().item()) if ref_nll.numel() else None
     nll_mean, nll_se = _mean_se(nll)
     ppl = math.exp(nll_mean) if n else None
     kl_mean, kl_se = _mean_se(kl)
@@ -130,9 +148,11 @@ def _variant_summary(nll, kl, top1, dp, ppl_ref: float | None) -> dict:
         "kl_max": float(kl.max().item()) if n else None,
         "top1": top1_mean,
         "top1_se": top1_se,
+        "top1_ci95": list(wilson(round(top1.double().sum().item()), n)) if n else None,
         "dp_mean": dp_mean,
         "dp_mean_se": dp_se,
         "dp_rms": math.sqrt(dp.double().pow(2).mean().item()) if n else None,
+        **_paired_ln_ratio(nll, ref_nll),
     }
 
 
@@ -201,9 +221,8 @@ def quality_pass(
             progress(scored, total)
 
     ref_nll = _cat(per_var[reference]["nll"])
-    ppl_ref = math.exp(ref_nll.double().mean().item()) if ref_nll.numel() else None
     variants = {
-        v: _variant_summary(*(_cat(s[k]) for k in ("nll", "kl", "top1", "dp")), ppl_ref)
+        v: _variant_summary(*(_cat(s[k]) for k in ("nll", "kl", "top1", "dp")), ref_nll)
         for v, s in per_var.items()
     }
     pair_out = {}

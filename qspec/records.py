@@ -245,6 +245,11 @@ class QualityRecord(Record):
     ppl: float | None = None
     ppl_se: float | None = None
     ppl_ratio: float | None = None
+    # paired over the same positions: mean of nll_variant - nll_reference, its SE, and
+    # exp(mean +- 1.96 se)
+    ln_ppl_ratio: float | None = None
+    ln_ppl_ratio_se: float | None = None
+    ppl_ratio_ci95: list[float] | None = None
     kl_mean: float | None = None
     kl_mean_se: float | None = None
     kl_median: float | None = None
@@ -253,6 +258,7 @@ class QualityRecord(Record):
     kl_max: float | None = None
     top1: float | None = None
     top1_se: float | None = None
+    top1_ci95: list[float] | None = None  # Wilson, n = positions
     dp_mean: float | None = None
     dp_mean_se: float | None = None
     dp_rms: float | None = None
@@ -299,6 +305,8 @@ class TaskRecord(Record):
     stderr: float | None = None
     n: int | None = 0  # documents evaluated
     seconds: float | None = None  # wall time of the task's lm-eval call
+    higher_is_better: bool | None = None  # lm-eval's direction of the metric
+    doc_scores: dict[str, float] = {}  # doc_id -> per-doc value, for paired deltas
 
 
 class TaskLosslessRecord(Record):

@@ -126,17 +126,43 @@ def _number(value) -> float | None:
     return None if math.isnan(out) else out
 
 
+def _doc_scores(samples: list[dict], metric: str, filt: str) -> dict[str, float]:
+    """{doc_id: value} of one metric under one filter, so two variants can be paired per doc.
+
+    lm-eval's logged samples (log_samples=True) hold one entry per (doc, filter) with every
+    metric's per-doc value under its name. Corpus-level metrics (bleu, f1, mcc, perplexities)
+    log tuples that only mean something aggregated: they get no per-doc scores.
+    """
+    out = {}
+    for sample in samples:
+        if sample.get("filter") != filt:
+            continue
+        value = sample.get(metric)
+        value = None if isinstance(value, (str, bytes)) else _number(value)
+        if value is None:
+            return {}
+        out[str(sample["doc_id"])] = value
+    return out
+
+
 def _metric_records(results: dict, seconds: float) -> list[dict]:
-    """One record per (task, metric) from a simple_evaluate result."""
+    """One record per (task, metric) from a simple_evaluate result.
+
+    Each carries lm-eval's higher_is_better for the metric and, when the result has logged
+    samples, the per-document scores (doc_scores) that stats.paired_delta pairs.
+    """
     out = []
     n_samples = results.get("n-samples", {})
+    samples = results.get("samples", {})
     for task, entry in results.get("results", {}).items():
         n = n_samples.get(task, {}).get("effective", entry.get("sample_len"))
+        directions = results.get("higher_is_better", {}).get(task, {})
         for key, value in entry.items():
             if "," not in key or "_stderr," in key:
                 continue
             metric, filt = key.split(",", 1)
             name = metric if filt == "none" else key
+            higher = directions.get(metric)
             out.append(
                 _record(
                     task,
@@ -146,6 +172,8 @@ def _metric_records(results: dict, seconds: float) -> list[dict]:
                     stderr=_number(entry.get(f"{metric}_stderr,{filt}")),
                     n=int(n) if n is not None else None,
                     seconds=round(seconds, 3),
+                    higher_is_better=None if higher is None else bool(higher),
+                    doc_scores=_doc_scores(samples.get(task, []), metric, filt),
                 )
             )
     return out
@@ -405,9 +433,11 @@ def run_tasks(
     """Accuracy per task of an in-memory model: one record per (task, metric).
 
     Record keys: task, metric, value, stderr, n (docs evaluated), status ("ok",
-    "failed", "unavailable"), error, and seconds (wall time of the task's lm-eval
-    call) on ok records. `limit` caps the docs per task; `tasks` selects tasks by
-    name; `lm` replaces the default HFLM wrapper (e.g. a SpeculativeLM).
+    "failed", "unavailable"), error, and on ok records seconds (wall time of the
+    task's lm-eval call), higher_is_better (lm-eval's, None if it gives none) and
+    doc_scores ({doc_id: per-doc value}, empty for corpus-level metrics). `limit`
+    caps the docs per task; `tasks` selects tasks by name; `lm` replaces the default
+    HFLM wrapper (e.g. a SpeculativeLM).
     """
     work_dir = Path(work_dir)
     local, failures = _local_tasks(suite, work_dir / "tasks" / suite.name)
@@ -447,8 +477,9 @@ def run_tasks(
                 managers[needs_hub] = _task_manager(work_dir / "tasks" / suite.name, needs_hub)
             if lm is None:
                 lm = quiet_lm(model, tokenizer)
+            # samples give per-doc scores for pairing variants; for tens of docs they cost ~0
             results = _evaluate(
-                lm, name, managers[needs_hub], limit=limit, seed=seed, log_samples=False
+                lm, name, managers[needs_hub], limit=limit, seed=seed, log_samples=True
             )
             got = _metric_records(results, time.perf_counter() - start)
             if not got:

@@ -8,9 +8,11 @@ import math
 
 import pytest
 import torch
+from scipy import stats as sp
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qspec.quality import quality_pass, tokenize_corpus, windows_for
+from qspec.records import QualityRecord
 from qspec.sampling import Sampler
 
 SAMPLE = Sampler(greedy=False, temperature=0.8, top_k=20, top_p=0.9)
@@ -160,6 +162,42 @@ def test_perturbed_copy_and_sampled_alpha_on_one_position():
     assert r1.pairs[("ref", "noisy")]["alpha_predicted_sample"] == pytest.approx(
         1 - 0.5 * l1, abs=1e-5
     )
+
+
+def test_paired_ppl_ratio_and_top1_interval():
+    m = tiny_model()
+    noisy = perturbed(m, scale=0.3)
+    docs = [corpus(90, seed=3), corpus(50, seed=4)]
+    r = quality_pass(
+        {"ref": m, "noisy": noisy, "same": m}, "ref", docs, window=256, stride=128,
+        sample=SAMPLE, pairs=[],
+    )  # fmt: skip
+    v, same = r.variants["noisy"], r.variants["same"]
+    assert v["ln_ppl_ratio"] == pytest.approx(math.log(v["ppl"] / r.variants["ref"]["ppl"]))
+    assert v["ln_ppl_ratio"] == pytest.approx(math.log(v["ppl_ratio"]), rel=1e-12)
+    # the SE of the mean per-position difference, computed directly on full sequences
+    diff = torch.cat([direct_nll(noisy, d) - direct_nll(m, d) for d in docs]).double()
+    assert v["ln_ppl_ratio"] == pytest.approx(diff.mean().item(), rel=1e-4)
+    se = diff.std().item() / math.sqrt(diff.numel())
+    assert v["ln_ppl_ratio_se"] == pytest.approx(se, rel=1e-3)
+    low, high = v["ppl_ratio_ci95"]
+    mean, se = v["ln_ppl_ratio"], v["ln_ppl_ratio_se"]
+    assert (low, high) == pytest.approx((math.exp(mean - 1.96 * se), math.exp(mean + 1.96 * se)))
+    assert low < v["ppl_ratio"] < high
+    # pairing: far tighter than the unpaired perplexities' own errors would allow
+    assert se < v["ppl_se"] / v["ppl"]
+    # top-1 agreement: Wilson with n = positions
+    n = v["positions"]
+    ci = sp.binomtest(round(v["top1"] * n), n).proportion_ci(method="wilson")
+    assert v["top1_ci95"] == pytest.approx([ci.low, ci.high], abs=1e-9)
+    assert v["top1_ci95"][0] < v["top1"] < v["top1_ci95"][1]
+    # the reference against itself
+    assert same["ln_ppl_ratio"] == 0 and same["ln_ppl_ratio_se"] == 0
+    assert same["ppl_ratio_ci95"] == [1.0, 1.0]
+    assert same["top1_ci95"] == pytest.approx([1 - 1.96**2 / (n + 1.96**2), 1.0], abs=1e-4)
+    # the record takes the stats as they are (extra fields forbidden)
+    rec = QualityRecord(suite="s", variant="noisy", **v)
+    assert rec.ln_ppl_ratio == v["ln_ppl_ratio"] and rec.top1_ci95 == v["top1_ci95"]
 
 
 class _Tok:

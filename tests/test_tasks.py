@@ -19,6 +19,8 @@ from conftest import tiny_llama
 
 from qspec import tasks as qtasks
 from qspec.drafters import ModelDrafter, NgramDrafter
+from qspec.records import TaskRecord
+from qspec.stats import paired_delta
 from qspec.suites import Suite, load_suite, load_suite_dir
 from qspec.tasks import hub_reachable, lossless_check, run_tasks, speculative_lm
 
@@ -144,11 +146,64 @@ def test_run_tasks_tiny_model(tiny_target, tokenizer, tiny_suite, tmp_path):
         assert rec["n"] == 6
         assert 0.0 <= rec["value"] <= 1.0
         assert rec["stderr"] is None or rec["stderr"] >= 0.0
+        # per-doc outcomes, for pairing with another variant; their mean is the value
+        assert rec["higher_is_better"] is True
+        assert sorted(rec["doc_scores"]) == [str(i) for i in range(6)]
+        assert set(rec["doc_scores"].values()) <= {0.0, 1.0}
+        assert sum(rec["doc_scores"].values()) / 6 == pytest.approx(rec["value"])
+        TaskRecord(suite="tiny", variant="fp32", **rec)  # the stage's record takes them as they are
     # the YAMLs were materialized (absolute data paths) into work_dir/tasks/<suite>/
     assert sorted(p.name for p in (tmp_path / "work" / "tasks" / "tiny").iterdir()) == [
         "gen.yaml",
         "mc.yaml",
     ]
+
+
+def test_metric_records_direction_and_doc_scores():
+    """lm-eval's layout: per-doc metric values in the logged samples, one entry per filter."""
+    samples = [
+        {"doc_id": d, "filter": f, "exact_match": float(d % 2 == (f == "strict")), "bleu": (d, d)}
+        for f in ("strict", "flex")
+        for d in range(3)
+    ]
+    results = {
+        "results": {
+            "t": {
+                "exact_match,strict": 1 / 3,
+                "exact_match_stderr,strict": 0.3,
+                "exact_match,flex": 2 / 3,
+                "exact_match_stderr,flex": "N/A",
+                "bleu,strict": 5.0,
+                "ter,strict": 80.0,
+                "sample_len": 3,
+            }
+        },
+        "higher_is_better": {"t": {"exact_match": True, "bleu": True, "ter": False}},
+        "n-samples": {"t": {"original": 9, "effective": 3}},
+        "samples": {"t": samples},
+    }
+    got = {r["metric"]: r for r in qtasks._metric_records(results, 1.0)}
+    assert got["exact_match,strict"]["doc_scores"] == {"0": 0.0, "1": 1.0, "2": 0.0}
+    assert got["exact_match,flex"]["doc_scores"] == {"0": 1.0, "1": 0.0, "2": 1.0}
+    assert got["exact_match,flex"]["higher_is_better"] is True
+    assert got["bleu,strict"]["doc_scores"] == {}  # a corpus-level metric: tuples per doc
+    assert got["ter,strict"]["higher_is_better"] is False and got["ter,strict"]["doc_scores"] == {}
+    # without logged samples or a direction: empty, None
+    bare = {k: v for k, v in results.items() if k not in ("samples", "higher_is_better")}
+    for rec in qtasks._metric_records(bare, 1.0):
+        assert rec["doc_scores"] == {} and rec["higher_is_better"] is None
+
+
+def test_two_variants_pair_per_document(tiny_target, tiny_draft, tokenizer, tiny_suite, tmp_path):
+    a = _by_key(run_tasks(tiny_target, tokenizer, tiny_suite, tmp_path / "a", limit=None))
+    b = _by_key(run_tasks(tiny_draft, tokenizer, tiny_suite, tmp_path / "b", limit=None))
+    for key, ref in a.items():
+        d = paired_delta(b[key]["doc_scores"], ref["doc_scores"], ref["higher_is_better"])
+        assert d["n"] == 6
+        assert d["delta_mean"] == pytest.approx(b[key]["value"] - ref["value"])
+        assert isinstance(d["significant_drop"], bool)
+        same = paired_delta(ref["doc_scores"], ref["doc_scores"], True)
+        assert same["delta_mean"] == 0 and same["significant_drop"] is False
 
 
 def test_run_tasks_limit_and_selection(tiny_target, tokenizer, tiny_suite, tmp_path):
