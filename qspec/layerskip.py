@@ -71,7 +71,7 @@ class LayerSkip(torch.nn.Module):
             decoder.layers = self._full
 
 
-SEARCH_FRACTIONS = (0.25, 0.375, 0.5, 0.625)
+MIN_ALPHA = 0.3  # the search stops removing layers once agreement falls below this
 
 
 @torch.inference_mode()
@@ -97,41 +97,45 @@ def _step_seconds(model, ids: torch.Tensor, width: int, repeats: int = 5) -> flo
 
 
 @torch.inference_mode()
-def search_skip(model, ids: torch.Tensor, gamma: int, fractions=SEARCH_FRACTIONS) -> dict:
-    """Pick the skip share with the best predicted speedup on this text (Draft & Verify's
-    offline search, over evenly spaced middle layers rather than a Bayesian search).
+def search_skip(model, ids: torch.Tensor, gamma: int, max_skipped: int | None = None) -> dict:
+    """Pick the layers to skip by predicted speedup on this text, in the spirit of Draft &
+    Verify's offline search (a greedy search here, not their Bayesian one).
 
-    For each share: alpha = teacher-forced top-1 agreement of the skipped model with the full
-    one, c = its one-token step time / the full model's, v = a (gamma+1)-token verify / a
-    one-token step; the predicted speedup is tau(alpha, gamma) / (gamma c + v).
+    Each round removes the layer whose removal keeps the teacher-forced top-1 agreement
+    (alpha) with the full model highest, then measures the one-token step time of that
+    draft against the full model's (c); with v = a (gamma+1)-token verify / a one-token step,
+    the predicted speedup is tau(alpha, gamma) / (gamma c + v). The best round wins.
     """
     from qspec.metrics import expected_tau
 
     n_layers = len(decoder_layers(model))
-    full_logits = model(input_ids=ids.view(1, -1), use_cache=False).logits[0]
+    max_skipped = n_layers // 2 if max_skipped is None else max_skipped
+    full = model(input_ids=ids.view(1, -1), use_cache=False).logits[0].argmax(-1)
     base = _step_seconds(model, ids[:64], 1)
     v = _step_seconds(model, ids[:64], gamma + 1) / base
+
+    def agreement(skip: tuple[int, ...]) -> float:
+        logits = LayerSkip(model, skip)(input_ids=ids.view(1, -1), use_cache=False).logits[0]
+        return float((logits.argmax(-1) == full).float().mean())
+
+    skip: tuple[int, ...] = ()
     rows = []
-    for fraction in fractions:
-        skip = middle_layers(n_layers, fraction)
-        draft = LayerSkip(model, skip)
-        logits = draft(input_ids=ids.view(1, -1), use_cache=False).logits[0]
-        alpha = float((logits.argmax(-1) == full_logits.argmax(-1)).float().mean())
-        c = _step_seconds(draft, ids[:64], 1) / base
+    while len(skip) < min(max_skipped, n_layers - 1):
+        options = [tuple(sorted((*skip, i))) for i in range(n_layers) if i not in skip]
+        alpha, skip = max((agreement(o), o) for o in options)
+        if alpha < MIN_ALPHA:
+            break
+        c = _step_seconds(LayerSkip(model, skip), ids[:64], 1) / base
+        speedup = expected_tau(alpha, gamma) / (gamma * c + v)
         rows.append(
-            {
-                "fraction": fraction,
-                "skip": list(skip),
-                "alpha": alpha,
-                "cost_ratio": c,
-                "speedup_predicted": expected_tau(alpha, gamma) / (gamma * c + v),
-            }
+            {"skip": list(skip), "alpha": alpha, "cost_ratio": c, "speedup_predicted": speedup}
         )
-    best = max(rows, key=lambda r: r["speedup_predicted"])
+    best = max(rows, key=lambda r: r["speedup_predicted"], default=None)
     return {
-        "skip": best["skip"],
-        "fraction": best["fraction"],
+        "skip": best["skip"] if best else [],
+        "alpha": best["alpha"] if best else None,
+        "speedup_predicted": best["speedup_predicted"] if best else None,
         "verify_cost_ratio": v,
         "positions": ids.numel() - 1,
-        "candidates": rows,
+        "rounds": rows,
     }

@@ -175,7 +175,7 @@ class RunContext:
         return sampler_for(mode, s.temperature, s.top_k, s.top_p)
 
 
-SEARCH_TOKENS = 256
+SEARCH_TOKENS = 128  # corpus tokens the layer-skip search scores each candidate on
 
 
 def _cached_search(models: Models, role: str, precision: str) -> dict:
