@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ KINDS = {
 }
 STAMP = ".qspec-last-used"
 DEFAULT_LIMIT_GB = 20.0
-TEMP_MARK = ".tmp-"  # in the names of unfinished atomic_dir folders: .<name>.tmp-<pid>-<random>
+TEMP_MARK = ".tmp-"  # unfinished atomic_dir folders are named .<name>.tmp-<pid>@<host>@<random>
 
 
 def cache_root() -> Path:
@@ -55,7 +56,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}{TEMP_MARK}{os.getpid()}-"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temp_prefix(final.name)))
     old = final.with_name(f"{tmp.name}-old")
     try:
         yield tmp
@@ -127,6 +128,11 @@ def entries(root: Path | None = None) -> list[Entry]:
     return out
 
 
+def temp_prefix(name: str, pid: int | None = None) -> str:
+    """Names the builder, so leftovers() can tell a killed build from one still running."""
+    return f".{name}{TEMP_MARK}{os.getpid() if pid is None else pid}@{socket.gethostname()}@"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -138,13 +144,16 @@ def _alive(pid: int) -> bool:
 
 
 def leftovers(root: Path | None = None) -> list[Path]:
-    """Unfinished atomic_dir folders whose process is gone (killed before it could clean up)."""
+    """Unfinished atomic_dir folders of this host whose process is gone (killed mid-build).
+
+    Builds on other hosts sharing the cache are left alone: their process ids mean nothing here.
+    """
     root = root or cache_root()
     out = []
     for kind in KINDS:
-        for path in sorted((root / kind).glob(f".*{TEMP_MARK}*")):
-            pid = path.name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+        for path in sorted((root / kind).glob(f".*{TEMP_MARK}*@*@*")):
+            pid, host, _ = path.name.rsplit(TEMP_MARK, 1)[1].split("@", 2)
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
                 out.append(path)
     return out
 

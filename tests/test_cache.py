@@ -76,11 +76,13 @@ def test_leftovers_of_a_killed_build_are_cleared_but_a_live_one_is_not(tmp_path)
     root = cache.cache_root()
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **_text())
     dead, live = int(proc.stdout), os.getpid()
-    (root / "gptq" / f".abc{cache.TEMP_MARK}{dead}-x1").mkdir(parents=True)
-    (root / "gptq" / f".abc{cache.TEMP_MARK}{live}-x2").mkdir()
-    assert [p.name for p in cache.leftovers()] == [f".abc{cache.TEMP_MARK}{dead}-x1"]
+    killed, running = (cache.temp_prefix("abc", pid) + "x" for pid in (dead, live))
+    elsewhere = cache.temp_prefix("abc", dead).replace("@", "@other-host-", 1) + "x"
+    for name in (killed, running, elsewhere):
+        (root / "gptq" / name).mkdir(parents=True)
+    assert [p.name for p in cache.leftovers()] == [killed]
     cache.clear()
-    assert _files(root / "gptq") == [f".abc{cache.TEMP_MARK}{live}-x2"]
+    assert _files(root / "gptq") == sorted([running, elsewhere])
 
 
 # ---------------------------------------------------------------- kinds, list, clear, limit
