@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -42,6 +43,18 @@ PALETTE = [
     "#17becf",
 ]
 MAX_LABEL = 40
+
+log = logging.getLogger("qspec.report")
+
+
+def try_figure(what: str, draw: Callable[..., str], *args, **kwargs) -> str | None:
+    """draw(*args, **kwargs), or None with a warning when it fails: a figure only repeats what its
+    table shows, so a plotting error must not cost the report its section."""
+    try:
+        return draw(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any matplotlib failure; the table still stands
+        log.warning("%s figure failed: %s", what, err)
+        return None
 
 
 def label(text, limit: int = MAX_LABEL) -> str:
