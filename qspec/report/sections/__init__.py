@@ -1,0 +1,1 @@
+"""One module per report section: build(run) -> the dict its part of the template reads."""

@@ -1,0 +1,58 @@
+"""Quality vs reference: perplexity, KL and top-1 agreement per variant and suite, lm-eval task
+accuracy, the same tasks with and without speculation, and each variant's budget verdict."""
+
+from __future__ import annotations
+
+from qspec.records import QualityRecord, TaskRecord
+from qspec.report.analysis import Run, pos
+from qspec.report.budget import is_reference, ppl_delta_pct, task_delta_points
+from qspec.report.format import text
+
+
+def build(run: Run) -> dict:
+    b = run.budget
+    variants = run.all_variants()
+
+    def key(r: QualityRecord | TaskRecord) -> tuple:
+        return (pos(run.suites, r.suite), pos(variants, text(r.variant)))
+
+    rows = []
+    for q in sorted(run.quality, key=key):
+        d = ppl_delta_pct(run, q)
+        rows.append(
+            {
+                "r": q,
+                "ok": q.ok,
+                "delta": d,
+                "pass": None if d is None or not q.ok else d <= b.max_ppl_increase_pct,
+                "reference": is_reference(run, q.variant),
+                "weights": q.weights_bytes or run.variant_weights.get(("any", text(q.variant))),
+            }
+        )
+    tasks = []
+    for t in sorted(run.tasks, key=lambda r: (*key(r), r.task)):
+        d = task_delta_points(run, t)
+        scale = 100 if t.value is not None and abs(t.value) <= 1 else 1
+        tasks.append(
+            {
+                "r": t,
+                "ok": t.ok,
+                "value_pts": t.value * scale if t.value is not None else None,
+                "se_pts": t.stderr * scale if t.stderr is not None else None,
+                "delta": d,
+                "pass": None if d is None or not t.ok else -d <= b.max_accuracy_drop_points,
+                "reference": is_reference(run, t.variant),
+            }
+        )
+    notes = {v.model_note for v in run.variants}
+    return {
+        "rows": rows,
+        "tasks": tasks,
+        "task_lossless": run.task_lossless,
+        "verdicts": [{"variant": v, "quality": run.vq[v]} for v in variants if v in run.vq],
+        "variants": run.variants,
+        "common_note": notes.pop() if len(notes) == 1 else None,
+        "reference": run.reference,
+        "budget": b,
+        "positions": sorted({q.positions for q in run.quality if q.positions is not None}),
+    }
