@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from qspec import plots
 from qspec.report import Budget, summary_text, write_report
 
 DATA = Path(__file__).parent / "data" / "results-small"
@@ -599,3 +600,16 @@ def test_a_failed_compile_is_shown_next_to_its_cell(tmp_path):
     lat = section(write_report(tmp_path).read_text(), "latency")
     assert lat.count("compile failed: Unsupported: &lt;b&gt;bnb&lt;/b&gt; kernel") == len(cells)
     assert "<b>bnb</b>" not in lat
+
+
+def test_a_failing_figure_leaves_its_table(tmp_path, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise ValueError("simulated matplotlib failure")
+
+    monkeypatch.setattr(plots, "heatmaps", broken)
+    save(tmp_path, records(DATA, small=True), json.loads((DATA / "run.json").read_text()))
+    html = write_report(tmp_path).read_text()
+    m = section(html, "matrix")
+    assert "section-error" not in html and "<img" not in m
+    assert "target ↓ / draft →" in m and "1.52×" in m  # the table still carries the numbers
+    assert "matrix figure failed: simulated matplotlib failure" in caplog.text
