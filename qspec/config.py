@@ -100,6 +100,12 @@ class RunConfig(Strict):
         default=1, ge=1, le=100, description="timed passes over the prompts per cell"
     )
     modes: list[Literal["greedy", "sample"]] = Field(default=["greedy", "sample"], min_length=1)
+    # drafts per step: fixed gamma, confidence stopping (gamma as the cap), or the heuristic
+    # schedule (+2 after a full accept, -1 otherwise); each is a cell of its own
+    draft_lengths: list[Literal["fixed", "confidence", "heuristic"]] = Field(
+        default=["fixed"], min_length=1
+    )
+    confidence_threshold: float = Field(default=0.4, gt=0.0, lt=1.0)
     sampling: Sampling = Sampling()
     suites: list[str] = Field(default=["default"], min_length=1)
     seed: int = 0

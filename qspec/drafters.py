@@ -32,8 +32,11 @@ class ModelDrafter:
         self.kv.forward(tokens, last_only=True)
         self.ids = tokens.new_empty(0)
 
-    def propose(self, tokens, gamma, sampler: Sampler, generator, history=None):
+    def propose(self, tokens, gamma, sampler: Sampler, generator, history=None, stop_below=None):
+        """Up to gamma draft tokens; with stop_below, drafting stops at the first token whose
+        probability under the draft falls below it (one host sync per draft token)."""
         pending = tokens[self.kv.length :]  # 1 token, or 2 after a full accept
+        n = gamma
         for i in range(gamma):
             # only the last position's logits are needed; several pending tokens take the
             # (never compiled) prefill path, so compiled steps keep their one-token shape
@@ -44,8 +47,16 @@ class ModelDrafter:
             self.ids[i] = sampler.pick(logits, generator)
             if not sampler.greedy:
                 self.probs[i] = sampler.probs(logits)
+            if stop_below is not None and self._confidence(logits, i, sampler) < stop_below:
+                n = i
+                break
             pending = self.ids[i : i + 1]
-        return self.ids[:gamma], (None if sampler.greedy else self.probs[:gamma])
+        return self.ids[:n], (None if sampler.greedy else self.probs[:n])
+
+    def _confidence(self, logits, i, sampler) -> float:
+        """The draft's probability of the token it just drafted."""
+        probs = self.probs[i] if not sampler.greedy else logits.float().softmax(-1)
+        return float(probs[self.ids[i]])
 
     def rollback(self, n_tokens: int) -> None:
         self.kv.rollback(n_tokens)
@@ -65,7 +76,7 @@ class NgramDrafter:
     def prefill(self, tokens: torch.Tensor, capacity: int = 0, compile: bool = False) -> None:
         pass
 
-    def propose(self, tokens, gamma, sampler, generator, history=None):
+    def propose(self, tokens, gamma, sampler, generator, history=None, stop_below=None):
         seq = history if history is not None else tokens.tolist()
         for n in range(min(self.max_ngram, len(seq) - 1), self.min_ngram - 1, -1):
             tail = seq[-n:]

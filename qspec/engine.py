@@ -91,6 +91,27 @@ def accept_sample(target_logits, draft_ids, draft_probs, sampler, generator):
 
 AcceptRule = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
+# How many tokens to draft each step (DraftLength in the config):
+#   fixed       gamma every step
+#   confidence  up to gamma, stopping at the first draft token whose probability under the
+#               draft is below the threshold (transformers' dynamic schedule uses 0.4)
+#   heuristic   start at gamma; +2 after a step that accepted every draft, -1 otherwise
+#               (transformers' "heuristic" schedule), between 1 and 2 * gamma
+LENGTHS = ("fixed", "confidence", "heuristic")
+
+
+def max_drafts(draft_length: str, gamma: int) -> int:
+    return 2 * gamma if draft_length == "heuristic" else gamma
+
+
+def next_budget(draft_length: str, budget: int, gamma: int, drafted: int, accepted: int) -> int:
+    """The next step's draft budget under the heuristic schedule; the others keep gamma."""
+    if draft_length != "heuristic" or drafted == 0:
+        return budget
+    if accepted == drafted == budget:
+        return min(budget + 2, max_drafts(draft_length, gamma))
+    return max(budget - 1, 1)
+
 
 @torch.inference_mode()
 def generate(
@@ -106,6 +127,8 @@ def generate(
     accept: AcceptRule | None = None,
     compile: bool = False,
     capacity: int = 0,
+    draft_length: str = "fixed",
+    threshold: float = 0.4,
 ) -> Generation:
     """Generate up to max_new_tokens after a 1-D prompt, speculatively when a drafter is given.
 
@@ -120,7 +143,8 @@ def generate(
     if drafter is None:
         gamma = 0
     n_prompt = prompt.numel()
-    capacity = max(capacity, n_prompt + max_new_tokens + gamma + 1)
+    widest = max_drafts(draft_length, gamma)
+    capacity = max(capacity, n_prompt + max_new_tokens + widest + 1)
     history = prompt.tolist()  # host copy, for drafters that work on token lists
     sync(device)
     start = time.perf_counter()
@@ -141,19 +165,21 @@ def generate(
     history.append(first)
     length = n_prompt + 1  # ids[:length] is prompt + emitted; the target cache holds length - 1
     stop = first in eos_ids
+    schedule = gamma
+    stop_below = threshold if draft_length == "confidence" else None
     while not stop and len(gen.tokens) < max_new_tokens:
         t0 = time.perf_counter()
-        budget = min(gamma, max_new_tokens - len(gen.tokens) - 1)
+        budget = min(schedule, max_new_tokens - len(gen.tokens) - 1)
         draft_ids, draft_probs = ids[:0], None
         if budget > 0:
             draft_ids, draft_probs = drafter.propose(
-                ids[:length], budget, sampler, generator, history=history
+                ids[:length], budget, sampler, generator, history=history, stop_below=stop_below
             )
         k = draft_ids.numel()
         ids[length : length + k] = draft_ids
         sync(device)
         t1 = time.perf_counter()
-        width = gamma if fixed else k
+        width = widest if fixed else k
         logits = kv.forward(ids[length - 1 : length + width])[: k + 1]
         n_dev, out = accept(logits, draft_ids, draft_probs, sampler, generator)
         host = torch.cat([n_dev.view(1), out[: k + 1]]).tolist()  # the step's one sync
@@ -175,6 +201,7 @@ def generate(
             stop = True
         gen.steps.append(Step(k, n, len(emitted), t1 - t0, t2 - t1))
         gen.tokens.extend(emitted)
+        schedule = next_budget(draft_length, schedule, gamma, k, n)
     gen.total_s = time.perf_counter() - start
     gen.target_kv_bytes = kv.nbytes()
     draft_kv = getattr(drafter, "kv", None)

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from qspec.config import RunConfig
-from qspec.precisions import reference_precision
+from qspec.precisions import MODEL_FREE_DRAFTER_NAMES, reference_precision
 from qspec.records import Kind, Record
 from qspec.store import cell_key
 
@@ -26,10 +26,13 @@ class Cell:
     draft: str | None
     gamma: int
     mode: str
+    draft_length: str = "fixed"  # fixed, confidence or heuristic (engine.LENGTHS)
 
     def label(self) -> str:
+        length = "" if self.draft_length == "fixed" else f" {self.draft_length}"
         return (
-            f"{self.kind} {self.suite} {self.target}/{self.draft or '-'} g={self.gamma} {self.mode}"
+            f"{self.kind} {self.suite} {self.target}/{self.draft or '-'} "
+            f"g={self.gamma}{length} {self.mode}"
         )
 
 
@@ -43,7 +46,13 @@ def plan(cfg: RunConfig, suite_names: list[str], device: str = "cpu") -> list[Ce
                 cells.append(Cell(Kind.TARGET_ONLY, suite, target, None, 0, mode))
                 for draft in cfg.draft.precisions:
                     for gamma in cfg.gammas:
-                        cells.append(Cell(Kind.SPECULATIVE, suite, target, draft, gamma, mode))
+                        for length in cfg.draft_lengths:
+                            # confidence stopping reads the draft's probabilities: models only
+                            if length == "confidence" and draft in MODEL_FREE_DRAFTER_NAMES:
+                                continue
+                            cells.append(
+                                Cell(Kind.SPECULATIVE, suite, target, draft, gamma, mode, length)
+                            )
                 peer = cfg.hf_assisted_targets == "all" or target == reference
                 if "hf_assisted" in cfg.baselines and mode in cfg.hf_assisted_modes and peer:
                     for draft in cfg.draft.precisions:
@@ -69,9 +78,14 @@ def spread(prompts: list, n: int) -> list:
 
 def key_of_cell(cell: Cell, cfg: RunConfig, device: str, versions: dict) -> str:
     """Everything a generation cell's result depends on: its coordinates and how it is measured."""
+    fields = asdict(cell)
+    if cell.draft_length == "fixed":  # keys of fixed-length cells as before adaptive lengths
+        del fields["draft_length"]
+    elif cell.draft_length == "confidence":
+        fields["confidence_threshold"] = cfg.confidence_threshold
     return cell_key(
         {
-            **asdict(cell),
+            **fields,
             "kind": str(cell.kind),
             "target_ref": cfg.target.ref,
             "draft_ref": cfg.draft.ref,

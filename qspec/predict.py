@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from qspec.engine import Step
+from qspec.engine import Step, max_drafts, next_budget
 from qspec.sampling import GREEDY, Sampler
 
 
@@ -59,7 +59,13 @@ def on_policy_beta(
 
 @torch.inference_mode()
 def replay_greedy(
-    drafter, prompt: torch.Tensor, emitted: list[int], gamma: int, max_new_tokens: int
+    drafter,
+    prompt: torch.Tensor,
+    emitted: list[int],
+    gamma: int,
+    max_new_tokens: int,
+    draft_length: str = "fixed",
+    threshold: float = 0.4,
 ) -> list[Step]:
     """The steps a greedy speculative run over this output must have taken, without the target.
 
@@ -71,15 +77,16 @@ def replay_greedy(
     """
     n_prompt, total = prompt.numel(), len(emitted)
     ids = torch.cat([prompt, torch.tensor(emitted, dtype=prompt.dtype, device=prompt.device)])
-    drafter.prefill(prompt, n_prompt + max_new_tokens + gamma + 1)
+    drafter.prefill(prompt, n_prompt + max_new_tokens + max_drafts(draft_length, gamma) + 1)
     history = prompt.tolist() + emitted[:1]
-    done, steps = 1, []
+    done, steps, schedule = 1, [], gamma
+    stop_below = threshold if draft_length == "confidence" else None
     while done < total:
-        budget = min(gamma, max_new_tokens - done - 1)
+        budget = min(schedule, max_new_tokens - done - 1)
         proposal = []
         if budget > 0:
             draft, _ = drafter.propose(
-                ids[: n_prompt + done], budget, GREEDY, None, history=history
+                ids[: n_prompt + done], budget, GREEDY, None, history=history, stop_below=stop_below
             )
             proposal = draft.tolist()
         left = total - done
@@ -91,6 +98,7 @@ def replay_greedy(
         else:
             k, n, e = len(proposal), match, match + 1
         steps.append(Step(k, n, e, 0.0, 0.0))
+        schedule = next_budget(draft_length, schedule, gamma, k, n)
         history.extend(emitted[done : done + e])
         done += e
         drafter.rollback(n_prompt + done - 1)

@@ -131,6 +131,11 @@ class GenerationRecord(Record):
     gamma: int = 0
     mode: Mode = "greedy"
     draft_skip: list[int] | None = None  # a layer-skip draft: the decoder layers it leaves out
+    draft_length: str = "fixed"  # fixed gamma, confidence stopping or the heuristic schedule
+    mean_drafted: float | None = None  # drafts per drafting step (gamma when fixed)
+    # fixed-gamma cells: decode tokens/s had each step drafted exactly what it would accept
+    oracle_decode_tokens_per_s: float | None = None
+    oracle_speedup_decode: float | None = None
     reference: str | None = None  # the reference target precision of the run
     hardware: str | None = None  # one-line label of what it was measured on
     # workload

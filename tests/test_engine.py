@@ -281,3 +281,41 @@ def test_the_draft_reads_the_prompt_before_the_first_step(target_model, draft_mo
         target_model, PROMPT, drafter=ModelDrafter(draft_model), gamma=3, max_new_tokens=12
     )
     assert gen.draft_prefill_s > 0
+
+
+def test_heuristic_schedule_grows_after_full_accepts_and_shrinks_after_rejections():
+    from qspec.engine import next_budget
+
+    assert next_budget("heuristic", 3, 3, 3, 3) == 5
+    assert next_budget("heuristic", 5, 3, 5, 5) == 6  # capped at 2 * gamma
+    assert next_budget("heuristic", 5, 3, 5, 2) == 4
+    assert next_budget("heuristic", 1, 3, 1, 0) == 1  # never below one draft
+    assert next_budget("fixed", 3, 3, 3, 3) == 3 and next_budget("confidence", 3, 3, 3, 0) == 3
+
+
+@pytest.mark.parametrize("length", ["confidence", "heuristic"])
+def test_adaptive_draft_lengths_stay_lossless(target_model, draft_model, length):
+    from qspec.predict import replay_greedy
+
+    plain = generate(target_model, PROMPT, max_new_tokens=40)
+    gen = generate(
+        target_model,
+        PROMPT,
+        drafter=ModelDrafter(draft_model),
+        gamma=3,
+        max_new_tokens=40,
+        draft_length=length,
+        threshold=0.1,  # the tiny draft is rarely more sure than this
+    )
+    assert gen.tokens == plain.tokens
+    drafted = {s.drafted for s in gen.steps}
+    if length == "confidence":
+        assert max(drafted) <= 3 and len(drafted) > 1  # stopped early on some steps
+    else:
+        assert max(drafted) <= 6
+    replayed = replay_greedy(
+        ModelDrafter(draft_model), PROMPT, gen.tokens, 3, 40, draft_length=length, threshold=0.1
+    )
+    assert [(s.drafted, s.accepted, s.emitted) for s in replayed] == [
+        (s.drafted, s.accepted, s.emitted) for s in gen.steps
+    ]

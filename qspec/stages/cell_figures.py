@@ -41,6 +41,7 @@ def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
         draft=c.draft,
         gamma=c.gamma,
         mode=c.mode,
+        draft_length=c.draft_length,
         reference=ctx.reference,
         hardware=describe(ctx.device),
         status=r.status,
@@ -49,6 +50,9 @@ def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
     if r.status != "ok":
         return rec
     f: dict = {"n_prompts": len(prompts), "repeats": ctx.cfg.repeats, "draft_skip": r.draft_skip}
+    if c.kind == Kind.SPECULATIVE:
+        drafting = [s for t in r.timed for s in t.gen.steps if s.drafted]
+        f["mean_drafted"] = sum(s.drafted for s in drafting) / len(drafting) if drafting else None
     invariance = ctx.models.build("target", c.target).invariance
     f["target_batch_invariant"] = invariance["batch_invariant"] if invariance else None
     f.update(_memory(ctx, r))
@@ -65,6 +69,8 @@ def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
         update = _predicted(ctx, r, prompts, rec)
         if base is not None and base.status == "ok":
             update.update(_cost_model(r, base, update.get("tau_predicted")))
+            if c.draft_length == "fixed":
+                update.update(_oracle(r, base))
         rec = GenerationRecord.model_validate({**rec.model_dump(), **update})
     price = ctx.cfg.price_per_device_hour
     if price is not None and rec.tokens_per_s:
@@ -219,7 +225,15 @@ def _predicted(ctx, r, prompts, rec: GenerationRecord) -> dict:
         betas.append(on_policy_beta(target, drafter, ids, p.ids.numel() + 1, sampler).cpu())
         if c.mode == "greedy":
             drafter = ctx.models.drafter(c.draft, c.target)
-            replayed += replay_greedy(drafter, p.ids, t.tokens, c.gamma, p.max_new_tokens)
+            replayed += replay_greedy(
+                drafter,
+                p.ids,
+                t.tokens,
+                c.gamma,
+                p.max_new_tokens,
+                c.draft_length,
+                ctx.cfg.confidence_threshold,
+            )
     b = torch.cat(betas) if betas else torch.empty(0)
     if b.numel() == 0:
         return {}
@@ -233,9 +247,12 @@ def _predicted(ctx, r, prompts, rec: GenerationRecord) -> dict:
             f"on policy: each prompt + this cell's own {c.mode} output "
             "(the prefill's token excluded)"
         ),
-        "tau_predicted": expected_tau(alpha, c.gamma),
-        "acceptance_rate_predicted": expected_acceptance_rate(alpha, c.gamma),
     }
+    if c.draft_length == "fixed":  # Leviathan's expectations hold for a fixed gamma
+        f.update(
+            tau_predicted=expected_tau(alpha, c.gamma),
+            acceptance_rate_predicted=expected_acceptance_rate(alpha, c.gamma),
+        )
     if rec.alpha_measured is not None and rec.tested:
         a, n = rec.alpha_measured, rec.tested
         tolerance = max(AGREEMENT, 2 * (a * (1 - a) / n) ** 0.5)
@@ -265,3 +282,24 @@ def _cost_model(r, base, tau_predicted) -> dict:
         "verify_cost_ratio": v,
         "speedup_predicted": tau_predicted / (r.cell.gamma * c + v),
     }
+
+
+def _oracle(r, base) -> dict:
+    """The decode speed had every step drafted exactly the tokens it went on to accept.
+
+    Built from the cell's own per-step data and measured costs: a step that accepted n
+    drafts would have drafted n (all of a full accept), costing n draft steps and one
+    verify (n = 0: a plain decode step), and emitted the same n + 1 tokens. The verify
+    cost is the cell's measured (gamma+1)-token verify, an upper bound for fewer tokens.
+    """
+    steps = [s for t in r.timed for s in t.gen.steps]
+    drafting = [s for s in steps if s.drafted]
+    base_step = _step_s(base)
+    if not drafting or not base_step:
+        return {}
+    per_draft = sum(s.draft_s for s in drafting) / sum(s.drafted for s in drafting)
+    verify = sum(s.verify_s for s in drafting) / len(drafting)
+    seconds = sum(s.accepted * per_draft + verify if s.accepted else base_step for s in steps)
+    rate = sum(s.emitted for s in steps) / seconds
+    base_rate = 1 / base_step
+    return {"oracle_decode_tokens_per_s": rate, "oracle_speedup_decode": rate / base_rate}

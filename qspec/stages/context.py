@@ -180,25 +180,25 @@ SEARCH_TOKENS = 128  # corpus tokens the layer-skip search scores each candidate
 
 def _cached_search(models: Models, role: str, precision: str) -> dict:
     """search_skip on the calibration (suite corpus) text, reusing a stored result."""
-    from qspec.cache import cache_root
+    from qspec import cache
 
     text = "\n\n".join(models.calibration)
     ref = models.ref(role)
     gamma = max(models.cfg.gammas)
     blob = json.dumps([ref.location, precision, gamma, SEARCH_TOKENS, text], sort_keys=True)
-    path = cache_root() / "skip-search" / f"{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    entry = cache.entry_dir("skip-search", hashlib.sha256(blob.encode()).hexdigest()[:16])
+    if (entry / "result.json").exists():
+        cache.touch(entry)
+        return json.loads((entry / "result.json").read_text())
     ids = models.tokenizer(text, add_special_tokens=False)["input_ids"][:SEARCH_TOKENS]
     if len(ids) < 2 * (gamma + 2):
         raise Skip("unavailable", "skip-search needs suite corpus text to search on")
     model = models.model(role, precision)
     result = search_skip(model, torch.tensor(ids, device=models.device), gamma)
     result.update(model=ref.ref, precision=precision, gamma=gamma)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    with cache.atomic_dir(entry) as tmp:
+        (tmp / "result.json").write_text(json.dumps(result, indent=1))
+    cache.touch(entry)
     return result
 
 

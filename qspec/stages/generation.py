@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qspec.baselines import hf_assisted
-from qspec.engine import Generation, generate
+from qspec.engine import Generation, generate, max_drafts
 from qspec.environment import describe
 from qspec.layerskip import LayerSkip
 from qspec.memory import peak_bytes, reset_peak
@@ -101,7 +101,11 @@ def measure_group(ctx: RunContext, cells: list[Cell], keys, prompts, advance):
                 if r.status == "ok":
                     _guarded(r, lambda r, i, repeat: r.timed.append(r.run(i, repeat)), r, i, repeat)
     base = runs[0] if runs[0].cell.kind == Kind.TARGET_ONLY else None
-    spec = {(r.cell.draft, r.cell.gamma): r for r in runs if r.cell.kind == Kind.SPECULATIVE}
+    spec = {
+        (r.cell.draft, r.cell.gamma): r
+        for r in runs
+        if r.cell.kind == Kind.SPECULATIVE and r.cell.draft_length == "fixed"
+    }
     for r in runs:
         peer = spec.get((r.cell.draft, r.cell.gamma)) if r.cell.kind == Kind.HF_ASSISTED else None
         try:
@@ -174,7 +178,8 @@ def _engine_runner(ctx: RunContext, r: CellRun, target, drafter, prompts):
     cell, cfg = r.cell, ctx.cfg
     r.compile = bool(cfg.compile)
     # one cache size for every prompt, the warm-up included: compiled shapes never change
-    capacity = max(p.ids.numel() + p.max_new_tokens for p in prompts) + cell.gamma + 1
+    widest = max_drafts(cell.draft_length, cell.gamma)
+    capacity = max(p.ids.numel() + p.max_new_tokens for p in prompts) + widest + 1
     run = dict(
         drafter=drafter,
         gamma=cell.gamma,
@@ -182,6 +187,8 @@ def _engine_runner(ctx: RunContext, r: CellRun, target, drafter, prompts):
         eos_ids=stop_ids(ctx.models.tokenizer, target),
         compile=r.compile,
         capacity=capacity,
+        draft_length=cell.draft_length,
+        threshold=cfg.confidence_threshold,
     )
     # Compilation happens in the first warm-up; it is timed here and never counted as latency.
     # A model torch.compile cannot handle (a quantization kernel it cannot trace, say) is
