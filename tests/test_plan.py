@@ -169,3 +169,28 @@ def test_plan_and_records_do_not_import_torch():
         "qspec.config.load_config(None); assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_shipped_configs_are_valid():
+    from qspec.config import load_config
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        cfg = load_config(path)
+        assert plan(cfg.model_copy(update={"gammas": cfg.gammas or [3]}), ["default"], "cpu")
+
+
+def test_adaptive_lengths_are_cells_of_their_own_and_model_drafts_only_stop_on_confidence():
+    cfg = config(draft_lengths=["fixed", "confidence", "heuristic"])
+    spec = [c for c in plan(cfg, ["a"], "cpu") if c.kind == Kind.SPECULATIVE]
+    by = {(c.draft, c.draft_length) for c in spec}
+    assert ("int8", "confidence") in by and ("ngram", "confidence") not in by
+    assert ("ngram", "heuristic") in by
+    fixed = Cell(Kind.SPECULATIVE, "a", "fp32", "int8", 2, "greedy")
+    # a fixed cell keeps the key it had before draft lengths existed
+    assert key_of_cell(fixed, cfg, "cpu", VERSIONS) == key_of_cell(fixed, config(), "cpu", VERSIONS)
+    conf = Cell(Kind.SPECULATIVE, "a", "fp32", "int8", 2, "greedy", "confidence")
+    assert key_of_cell(conf, cfg, "cpu", VERSIONS) != key_of_cell(
+        conf, config(confidence_threshold=0.5), "cpu", VERSIONS
+    )
