@@ -83,6 +83,8 @@ def key_of_cell(cell: Cell, cfg: RunConfig, device: str, versions: dict) -> str:
         del fields["draft_length"]
     elif cell.draft_length == "confidence":
         fields["confidence_threshold"] = cfg.confidence_threshold
+    if cell.draft in MODEL_FREE_DRAFTER_NAMES:
+        fields["ngram"] = [cfg.draft.ngram_min, cfg.draft.ngram_max]
     return cell_key(
         {
             **fields,

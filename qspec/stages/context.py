@@ -123,7 +123,8 @@ class Models:
         """A fresh drafter, or Skip: n-gram lookup, a built draft variant, or a layer-skip
         draft over the cell's target variant (`target`) or a draft variant."""
         if name in MODEL_FREE_DRAFTERS:
-            return MODEL_FREE_DRAFTERS[name](max_ngram=self.cfg.draft.ngram_max)
+            d = self.cfg.draft
+            return MODEL_FREE_DRAFTERS[name](max_ngram=d.ngram_max, min_ngram=d.ngram_min)
         skip = parse_skip(name)
         if skip is None:
             return ModelDrafter(self.model("draft", name), name=name)
