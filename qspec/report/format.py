@@ -69,3 +69,27 @@ FILTERS = {
     "secs": fmt_seconds,
     "int": fmt_int,
 }
+
+
+def interval(ci) -> tuple[float, float] | None:
+    """A stored [low, high] interval as two finite floats, or None (missing, malformed, null)."""
+    if not isinstance(ci, list | tuple) or len(ci) != 2:
+        return None
+    lo, hi = num(ci[0]), num(ci[1])
+    return None if lo is None or hi is None else (lo, hi)
+
+
+def fmt_ci(ci, digits: int = 2, style: str = "f") -> str:
+    """ "95% CI a–b", or "95% CI —" where the run recorded none (older runs)."""
+    iv = interval(ci)
+    if iv is None:
+        return "95% CI —"
+    show = {"f": lambda v: f"{v:,.{digits}f}", "pct": lambda v: f"{100 * v:.{digits}f}%"}.get(
+        style, lambda v: f"{v:.2f}×"
+    )
+    return f"95% CI {show(iv[0])}–{show(iv[1])}"
+
+
+FILTERS["ci"] = fmt_ci
+FILTERS["cipct"] = lambda ci, digits=1: fmt_ci(ci, digits, "pct")
+FILTERS["cix"] = lambda ci: fmt_ci(ci, 2, "x")

@@ -1,4 +1,5 @@
-"""The verdict as one paragraph of plain text, for the terminal at the end of a run."""
+"""The verdict as one paragraph of plain text, for the terminal at the end of a run: the same
+logic as the page's verdict (sections/verdict.py)."""
 
 from __future__ import annotations
 
@@ -6,25 +7,33 @@ from pathlib import Path
 
 from qspec.report.analysis import Run
 from qspec.report.budget import Budget
-from qspec.report.format import fmt, fmt_bytes, fmt_speedup
+from qspec.report.format import fmt, fmt_bytes, fmt_ci, fmt_speedup
 from qspec.report.pairings import Pairing
 from qspec.report.sections import verdict
 
 
 def _describe(p: Pairing) -> str:
     q = p.quality
-    bits = [f"{fmt_speedup(p.speedup)} speedup", f"{fmt(p.tokens_per_s)} tok/s"]
+    bits = [f"{fmt(p.tokens_per_s)} tok/s"]
+    if not p.alone:
+        sp = f"{fmt_speedup(p.speedup)} speedup ({fmt_ci(p.speedup_ci95, style='x')}"
+        sp += f", n = {p.speedup_pairs} prompts)" if p.speedup_pairs is not None else ")"
+        bits.insert(0, sp)
     if p.weights is not None:
         bits.append(f"{fmt_bytes(p.weights)} weights")
     if q.ppl_delta_pct is not None:
         bits.append(f"perplexity {q.ppl_delta_pct:+.1f}%")
     if q.acc_delta_points is not None:
         bits.append(f"accuracy {q.acc_delta_points:+.1f} pts")
-    return f"target {p.target} + draft {p.draft}, γ={p.gamma}, {p.mode} ({', '.join(bits)})"
+    bits.append(f"quality {q.label}")
+    if p.alone:
+        return f"target {p.target} alone, {p.mode} ({', '.join(bits)})"
+    length = "" if p.draft_length == "fixed" else f", {p.draft_length} draft length"
+    return f"target {p.target} + draft {p.draft}, γ={p.gamma}{length}, {p.mode} ({', '.join(bits)})"
 
 
 def summary_text(run_dir: Path, budget: Budget | None = None) -> str:
-    """One paragraph for the terminal: recommendation, fastest pairing, warnings."""
+    """One paragraph for the terminal: per mode the option to serve, warnings."""
     run = Run(Path(run_dir), budget)
     v = verdict.build(run)
     b = run.budget
@@ -36,18 +45,31 @@ def summary_text(run_dir: Path, budget: Budget | None = None) -> str:
         f"perplexity +{b.max_ppl_increase_pct:g}% "
         f"and accuracy -{b.max_accuracy_drop_points:g} points"
     )
-    if v["recommended"]:
-        parts.append(f"Recommended within {budget_txt}: {_describe(v['recommended'])}.")
-        if v["slower"]:
-            parts.append(
-                "It is still slower than the target alone: on this machine, serve without a draft."
-            )
-    elif v["pairings"]:
-        parts.append(f"No speculative pairing meets the budget ({budget_txt}).")
-    else:
+    if not v["pairings"]:
         parts.append("No speculative cell was measured successfully.")
-    if v["fastest"] and not v["same"]:
-        parts.append(f"Fastest overall: {_describe(v['fastest'])}.")
+    for m in v["modes"]:
+        head, second = m["head"], m["second"]
+        if head is None:
+            parts.append(f"{m['mode'].capitalize()}: no speculative pairing meets the budget.")
+            continue
+        if m["alone"]:
+            why = (
+                "no eligible speculative pairing is shown faster (no speedup interval above 1)"
+                if m["none_faster"]
+                else "faster than every pairing shown faster than its own target"
+            )
+            parts.append(
+                f"{m['mode'].capitalize()}: serve {_describe(head)} ({why}; within {budget_txt})."
+            )
+            if second is not None:
+                parts.append(f"Best speculative option: {_describe(second)}.")
+        else:
+            point = " (point estimate only: no interval recorded)" if m["point_only"] else ""
+            parts.append(
+                f"{m['mode'].capitalize()}: recommended within {budget_txt}: "
+                f"{_describe(head)}{point}."
+            )
+        parts.append(f"Behind it: {m['samples']}.")
     if v["non_lossless"]:
         which = ", ".join(f"{n['target']}+{n['draft']}" for n in v["non_lossless"])
         parts.append(f"WARNING: speculative output is not lossless for {which}.")

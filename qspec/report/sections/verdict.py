@@ -1,31 +1,32 @@
-"""Verdict: the pairing to serve within the quality budget, the fastest one regardless, and the
-warnings that qualify both (proxy hardware, output that is not lossless, an incomplete run)."""
+"""Verdict: per decoding mode, every serving option (each target alone and each speculative
+pairing) ranked by absolute tokens/s, the one to serve, and the warnings that qualify it (proxy
+hardware, output that is not lossless, an incomplete run).
+
+A speculative pairing is recommended only when its speedup's 95% interval lies entirely above 1
+(an older run without intervals: the point estimate, labelled as such); otherwise the headline
+is the best eligible target alone, with the best speculative option named second. Eligible:
+the target's quality budget is not failed and the output is not shown to differ."""
 
 from __future__ import annotations
 
 from qspec.records import Kind
 from qspec.report.analysis import Run
+from qspec.report.budget import PPL_TEST, TASK_TEST
 from qspec.report.format import fmt_bytes, text
-from qspec.report.pairings import Pairing, pairings
+from qspec.report.pairings import Pairing, pairings, ranking
 
 SMALL_MODEL_BYTES = 2 * 1024**3
 
 
 def build(run: Run) -> dict:
     pairs = pairings(run)
-    eligible = [p for p in pairs if p.eligible]
-    rec = eligible[0] if eligible else None
-    fastest = pairs[0] if pairs and pairs[0].speedup is not None else None
-    per_mode = [
-        {"mode": m, "best": next((p for p in eligible if p.mode == m), None)} for m in run.modes
-    ]
+    modes = [_mode(run, m) for m in run.modes]
+    modes = [m for m in modes if m["options"]]
+    fastest = pairs[0] if pairs and pairs[0].tokens_per_s is not None else None
     return {
         "budget": run.budget,
-        "recommended": rec,
+        "modes": modes,
         "fastest": fastest,
-        "same": rec is not None and fastest is not None and rec.label == fastest.label,
-        "per_mode": per_mode,
-        "throughput": _throughput(run, eligible),
         "pairings": pairs,
         "proxy": _proxy(run),
         "provenance": sorted({v.model_note for v in run.variants if v.model_note}),
@@ -38,27 +39,64 @@ def build(run: Run) -> dict:
         ],
         "n_failed": sum(1 for c in run.cells if not c.ok),
         "caption": run.caption(run.spec),
-        "slower": rec is not None and rec.speedup is not None and rec.speedup < 1,
+        "tests": {"ppl": PPL_TEST, "task": TASK_TEST},
+        "any_point": any(p.interval_missing for p in pairs),
     }
 
 
-def _throughput(run: Run, eligible: list[Pairing]) -> dict | None:
-    """Highest absolute throughput within the budget, the target alone included."""
-    options = [
-        {"label": p.label, "tokens_per_s": p.tokens_per_s, "weights": p.weights} for p in eligible
-    ]
-    for c in run.ok:
-        vq = run.vq.get(c.target)
-        if c.kind == Kind.TARGET_ONLY and vq is not None and vq.verdict == "pass":
-            options.append(
-                {
-                    "label": run.label(c),
-                    "tokens_per_s": c.tokens_per_s,
-                    "weights": run.weights_total(c),
-                }
-            )
-    options = [o for o in options if o["tokens_per_s"] is not None]
-    return max(options, key=lambda o: o["tokens_per_s"]) if options else None
+def _mode(run: Run, mode: str) -> dict:
+    options = ranking(run, mode)
+    eligible = [p for p in options if p.eligible]
+    faster = [p for p in eligible if not p.alone and p.faster]
+    best_alone = next((p for p in eligible if p.alone), None)
+    best_spec = next((p for p in eligible if not p.alone), None)
+    candidates = [p for p in eligible if p.alone or p.faster]
+    if faster:
+        head = candidates[0]
+        second = faster[0] if head.alone else best_alone
+    else:
+        head, second = best_alone, best_spec
+    return {
+        "mode": mode,
+        "options": options,
+        "head": head,
+        "second": second,
+        "alone": head is not None and head.alone,
+        "none_faster": not faster,
+        "best_spec": best_spec,
+        "samples": samples_text(samples(run, head)) if head else None,
+        "point_only": head is not None and head.interval_missing,
+    }
+
+
+def samples(run: Run, p: Pairing) -> dict:
+    """How many samples stand behind an option: prompts, tokens, corpus positions, documents."""
+    qs = [q for q in run.quality if q.variant == p.target and q.ok]
+    ts = [t for t in run.tasks if t.variant == p.target and t.ok]
+    docs = [c.n for c in p.quality.checks if c.unit == "documents" and c.n is not None]
+    if not docs:
+        docs = [t.n for t in ts if t.n]
+    return {
+        "prompts": p.speedup_pairs if p.speedup_pairs is not None else p.n_prompts,
+        "tokens": p.tokens,
+        "positions": sum(q.positions or 0 for q in qs) or None,
+        "documents": sum(docs) or None,
+    }
+
+
+def samples_text(s: dict | None) -> str:
+    if not s:
+        return "no samples recorded"
+    bits = []
+    for key, what in (
+        ("prompts", "prompts"),
+        ("tokens", "generated tokens"),
+        ("positions", "corpus positions (quality)"),
+        ("documents", "task documents"),
+    ):
+        if s[key]:
+            bits.append(f"{s[key]:,} {what}")
+    return ", ".join(bits) or "no samples recorded"
 
 
 def _proxy(run: Run) -> list[str]:
