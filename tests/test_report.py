@@ -143,7 +143,7 @@ def test_verdict_content(rendered):
     assert "Recommended: target fp32 + draft ngram, γ = 3, sample" in v
     assert "distributed as a Q4_1 GGUF" in v  # model provenance is shown
     q = section(html, "quality")
-    assert "+17.07%" in q and ">fail<" in q and ">pass<" in q  # nf4 perplexity over budget
+    assert "+17.07%" in q and ">FAILED" in q and ">within budget" in q  # nf4 perplexity over budget
     assert "default_mcq" in q
     m = section(html, "metadata")
     assert "13 min 58 s" in m and "complete" in m

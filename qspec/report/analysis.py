@@ -20,7 +20,7 @@ from qspec.records import (
 from qspec.report.budget import Budget, variant_quality
 from qspec.report.format import text
 from qspec.report.load import load_run
-from qspec.report.pairings import not_lossless
+from qspec.report.pairings import draft_name, not_lossless
 
 MODES = ("greedy", "sample")
 
@@ -138,6 +138,7 @@ class Run:
             pos(list(GENERATION_KINDS), c.kind),
             -1 if c.draft is None else pos(self.drafts, c.draft),
             c.gamma,
+            pos(["fixed", "confidence", "heuristic"], c.draft_length),
         )
 
     def multi_suite(self) -> bool:
@@ -147,7 +148,9 @@ class Run:
         if c.kind == Kind.TARGET_ONLY:
             s = f"{c.target} alone, {c.mode}"
         else:
-            s = f"{c.target} + {text(c.draft)} γ={c.gamma} {c.mode}"
+            s = f"{c.target} + {draft_name(c.draft, c.draft_skip)} γ={c.gamma} {c.mode}"
+            if c.draft_length != "fixed":
+                s += f" ({c.draft_length} draft length)"
             if c.kind == Kind.HF_ASSISTED:
                 s += " (HF assisted)"
         if suite if suite is not None else self.multi_suite():

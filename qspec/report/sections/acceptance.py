@@ -6,8 +6,8 @@ from __future__ import annotations
 from qspec import plots
 from qspec.records import GenerationRecord
 from qspec.report.analysis import Run, pos
-from qspec.report.format import text
-from qspec.report.sections import alpha, sweep
+from qspec.report.pairings import draft_name
+from qspec.report.sections import adaptive, alpha, sweep
 
 MAX_GAMMA_COLUMNS = 64  # a nonsense gamma must not blow up the tables
 
@@ -26,6 +26,7 @@ def build(run: Run) -> dict:
         "groups": groups,
         **alpha.build(run),
         "sweeps": sweep.build(run),
+        "adaptive": adaptive.build(run),
         "screens": run.screens,
     }
 
@@ -33,12 +34,20 @@ def build(run: Run) -> dict:
 def _row(c: GenerationRecord, g: int) -> dict:
     """One pairing's per-position acceptance (g positions) and histogram (0..g accepted)."""
     pa, pt, hist = c.position_acceptance, c.position_tested, c.accepted_histogram
+    pu = c.position_acceptance_unconditional
     total = sum(hist)
+    label = f"{c.target} + {draft_name(c.draft, c.draft_skip)}"
+    if c.draft_length != "fixed":
+        label += f" ({c.draft_length} draft length)"
     return {
         "c": c,
-        "label": f"{c.target} + {text(c.draft)}",
+        "label": label,
         "positions": [
-            {"p": pa[i] if i < len(pa) else None, "n": pt[i] if i < len(pt) else None}
+            {
+                "p": pa[i] if i < len(pa) else None,
+                "n": pt[i] if i < len(pt) else None,
+                "u": pu[i] if i < len(pu) else None,
+            }
             for i in range(g)
         ],
         "hist": [

@@ -47,8 +47,12 @@ def build(run: Run) -> dict:
             "on_policy": c.alpha_predicted,
             "on_policy_n": c.alpha_predicted_positions,
             "on_policy_what": c.alpha_predicted_on,
+            "on_policy_se": c.alpha_predicted_se,
             "measured": c.alpha_measured,
+            "measured_ci": c.alpha_measured_ci95,
             "tested": c.tested,
+            "gap": c.alpha_gap,
+            "agrees": c.alpha_agrees,
         }
         for c in run.spec
     ]

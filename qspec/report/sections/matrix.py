@@ -9,6 +9,7 @@ from qspec import plots
 from qspec.records import GenerationRecord, Kind
 from qspec.report.analysis import Run, pos
 from qspec.report.format import fmt, text
+from qspec.report.pairings import draft_name
 
 Grid = dict[tuple[str, str], GenerationRecord]
 
@@ -17,7 +18,8 @@ def build(run: Run) -> dict:
     keys = []
     for c in run.ok:
         key = (c.suite, c.mode, c.gamma)
-        if c.kind in (Kind.SPECULATIVE, Kind.HF_ASSISTED) and key not in keys:
+        fixed = c.draft_length == "fixed"
+        if fixed and c.kind in (Kind.SPECULATIVE, Kind.HF_ASSISTED) and key not in keys:
             keys.append(key)
     keys.sort(key=lambda k: (pos(run.suites, k[0]), pos(run.modes, k[1]), k[2]))
     groups = [_group(run, *k) for k in keys]
@@ -29,7 +31,7 @@ def _group(run: Run, suite: str, mode: str, gamma: int) -> dict | None:
     spec: Grid = {}
     hf: Grid = {}
     for c in run.ok:
-        if (c.suite, c.mode, c.gamma) == key:
+        if (c.suite, c.mode, c.gamma) == key and c.draft_length == "fixed":
             (spec if c.kind == Kind.SPECULATIVE else hf)[(c.target, text(c.draft))] = c
     rows = [t for t in run.targets if any(k[0] == t for k in list(spec) + list(hf))]
     cols = [d for d in run.drafts if any(k[1] == d for k in list(spec) + list(hf))]
@@ -55,11 +57,12 @@ def _group(run: Run, suite: str, mode: str, gamma: int) -> dict | None:
         figure = plots.try_figure(
             "matrix", plots.heatmaps, _panels(spec, rows, cols, gamma), rows, cols, title
         )
+    skips = {text(c.draft): c.draft_skip for c in list(spec.values()) + list(hf.values())}
     return {
         "suite": suite,
         "mode": mode,
         "gamma": gamma,
-        "cols": cols,
+        "cols": [draft_name(d, skips.get(d)) for d in cols],
         "rows": table,
         "figure": figure,
         "caption": run.caption(list(spec.values())),

@@ -8,7 +8,7 @@ from qspec.report.analysis import Run
 
 MEASURES = (
     ("weights", "weights of target + draft (MiB)"),
-    ("peak", "peak memory during the cell (MiB)"),
+    ("peak", "the cell's own peak memory (MiB)"),
 )
 
 

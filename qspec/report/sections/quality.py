@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from qspec.records import QualityRecord, TaskRecord
 from qspec.report.analysis import Run, pos
-from qspec.report.budget import is_reference, ppl_delta_pct, task_delta_points
+from qspec.report.budget import (
+    PPL_TEST,
+    TASK_TEST,
+    is_reference,
+    ppl_check,
+    ppl_delta_pct,
+    task_check,
+    task_delta_points,
+)
 from qspec.report.format import text
 
 
@@ -19,12 +27,13 @@ def build(run: Run) -> dict:
     rows = []
     for q in sorted(run.quality, key=key):
         d = ppl_delta_pct(run, q)
+        ref = is_reference(run, q.variant)
         rows.append(
             {
                 "r": q,
                 "ok": q.ok,
                 "delta": d,
-                "pass": None if d is None or not q.ok else d <= b.max_ppl_increase_pct,
+                "check": None if ref or not q.ok else ppl_check(run, q),
                 "reference": is_reference(run, q.variant),
                 "weights": q.weights_bytes or run.variant_weights.get(("any", text(q.variant))),
             }
@@ -40,7 +49,7 @@ def build(run: Run) -> dict:
                 "value_pts": t.value * scale if t.value is not None else None,
                 "se_pts": t.stderr * scale if t.stderr is not None else None,
                 "delta": d,
-                "pass": None if d is None or not t.ok else -d <= b.max_accuracy_drop_points,
+                "check": None if is_reference(run, t.variant) or not t.ok else task_check(run, t),
                 "reference": is_reference(run, t.variant),
             }
         )
@@ -54,5 +63,6 @@ def build(run: Run) -> dict:
         "common_note": notes.pop() if len(notes) == 1 else None,
         "reference": run.reference,
         "budget": b,
+        "tests": {"ppl": PPL_TEST, "task": TASK_TEST},
         "positions": sorted({q.positions for q in run.quality if q.positions is not None}),
     }
