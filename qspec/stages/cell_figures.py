@@ -8,6 +8,7 @@ moments apart (generation.py interleaves them), and the interval comes from thos
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -25,6 +26,8 @@ from qspec.predict import on_policy_beta, replay_greedy
 from qspec.records import GenerationRecord, Kind
 from qspec.roofline import roofline
 from qspec.stats import ratio_interval
+
+log = logging.getLogger("qspec")
 
 AGREEMENT = 0.05  # predicted and measured alpha agree within max(this, 2 standard errors)
 
@@ -61,7 +64,7 @@ def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
     if c.kind != Kind.TARGET_ONLY and base is not None and base.status == "ok":
         f.update(_against(r, base, "speedup"))
         if c.mode == "greedy":
-            f.update(_lossless(r, base, prompts))
+            f.update(_lossless(ctx, r, base, prompts))
     if peer is not None and peer.status == "ok":
         f.update(_against(peer, r, "qspec_over_hf"))
     rec = GenerationRecord.model_validate({**rec.model_dump(), **f})
@@ -199,10 +202,27 @@ def _against(num, den, name: str) -> dict:
     return f
 
 
-def _lossless(r, base, prompts) -> dict:
+def _lossless(ctx, r, base, prompts) -> dict:
+    """Greedy output identical to the target's own? Each mismatch says where it starts and how
+    close the target's own top-1/top-2 call was there (a near-tie, or a real fault)."""
     ref = {t.prompt: t.tokens for t in _first_pass(base)}
-    mismatched = [prompts[t.prompt].id for t in _first_pass(r) if t.tokens != ref.get(t.prompt)]
-    return {"lossless": not mismatched, "lossless_mismatches": mismatched}
+    mismatched = [t for t in _first_pass(r) if t.tokens != ref.get(t.prompt)]
+    where = []
+    try:  # a diagnosis that fails never costs the cell its figures
+        from qspec.invariance import divergence
+
+        target = ctx.models.model("target", r.cell.target)
+        for t in mismatched:
+            d = divergence(ref.get(t.prompt, []), t.tokens, target, prompts[t.prompt].ids)
+            if d is not None:
+                where.append({"id": prompts[t.prompt].id, **d})
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not locate where %s diverges: %s", r.cell.label(), err)
+    return {
+        "lossless": not mismatched,
+        "lossless_mismatches": [prompts[t.prompt].id for t in mismatched],
+        "lossless_divergence": where,
+    }
 
 
 def _predicted(ctx, r, prompts, rec: GenerationRecord) -> dict:
