@@ -59,7 +59,7 @@ def summary_text(run_dir: Path, budget: Budget | None = None) -> str:
                 else "faster than every pairing shown faster than its own target"
             )
             parts.append(
-                f"{m['mode'].capitalize()}: serve {_describe(head)} ({why}; within {budget_txt})."
+                f"{m['mode'].capitalize()}: serve {_describe(head)} ({why}; budget {budget_txt})."
             )
             if second is not None:
                 parts.append(f"Best speculative option: {_describe(second)}.")

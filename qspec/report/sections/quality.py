@@ -22,7 +22,7 @@ def build(run: Run) -> dict:
     variants = run.all_variants()
 
     def key(r: QualityRecord | TaskRecord) -> tuple:
-        return (pos(run.suites, r.suite), pos(variants, text(r.variant)))
+        return (pos(run.suites, r.suite), _variant_pos(variants, text(r.variant)))
 
     rows = []
     for q in sorted(run.quality, key=key):
@@ -58,7 +58,11 @@ def build(run: Run) -> dict:
         "rows": rows,
         "tasks": tasks,
         "task_lossless": run.task_lossless,
-        "verdicts": [{"variant": v, "quality": run.vq[v]} for v in variants if v in run.vq],
+        "verdicts": [
+            {"variant": v, "quality": run.vq[v]}
+            for v in sorted(variants, key=lambda x: _variant_pos(variants, x))
+            if v in run.vq
+        ],
         "variants": run.variants,
         "common_note": notes.pop() if len(notes) == 1 else None,
         "reference": run.reference,
@@ -66,3 +70,10 @@ def build(run: Run) -> dict:
         "tests": {"ppl": PPL_TEST, "task": TASK_TEST},
         "positions": sorted({q.positions for q in run.quality if q.positions is not None}),
     }
+
+
+def _variant_pos(variants: list[str], v: str) -> float:
+    """A variant's row; int8-t0 (int8 without outlier decomposition) right after int8."""
+    if v.endswith("-t0") and v[:-3] in variants:
+        return pos(variants, v[:-3]) + 0.5
+    return pos(variants, v)
