@@ -36,20 +36,7 @@ def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
     """The record of CellRun r; base is its group's target-only run, peer (for transformers'
     cells) the qspec speculative run of the same draft and gamma."""
     c = r.cell
-    rec = GenerationRecord(
-        key=r.key,
-        kind=c.kind,
-        suite=c.suite,
-        target=c.target,
-        draft=c.draft,
-        gamma=c.gamma,
-        mode=c.mode,
-        draft_length=c.draft_length,
-        reference=ctx.reference,
-        hardware=describe(ctx.device),
-        status=r.status,
-        error=r.error,
-    )
+    rec = bare_record(ctx, r, r.status, r.error)
     if r.status != "ok":
         return rec
     f: dict = {"n_prompts": len(prompts), "repeats": ctx.cfg.repeats, "draft_skip": r.draft_skip}
@@ -80,6 +67,25 @@ def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
         rec.usd_per_million_tokens = price / 3600 / rec.tokens_per_s * 1e6
         rec.price_per_device_hour = price
     return rec
+
+
+def bare_record(ctx, r, status: str, error: str | None) -> GenerationRecord:
+    """A cell's record with its coordinates and status, before any figure."""
+    c = r.cell
+    return GenerationRecord(
+        key=r.key,
+        kind=c.kind,
+        suite=c.suite,
+        target=c.target,
+        draft=c.draft,
+        gamma=c.gamma,
+        mode=c.mode,
+        draft_length=c.draft_length,
+        reference=ctx.reference,
+        hardware=describe(ctx.device),
+        status=status,
+        error=error,
+    )
 
 
 def _first_pass(r) -> list:

@@ -20,14 +20,13 @@ import torch
 
 from qspec.baselines import hf_assisted
 from qspec.engine import Generation, generate, max_drafts
-from qspec.environment import describe
 from qspec.layerskip import LayerSkip
 from qspec.memory import peak_bytes, reset_peak
 from qspec.plan import Cell, groups, key_of_cell, plan
 from qspec.precisions import MODEL_FREE_DRAFTER_NAMES, draft_variant
 from qspec.prompts import EncodedPrompt, encode_prompts, stop_ids
 from qspec.records import GenerationRecord, Kind
-from qspec.stages.cell_figures import cell_record
+from qspec.stages.cell_figures import bare_record, cell_record
 from qspec.stages.context import RunContext, Skip
 
 log = logging.getLogger("qspec")
@@ -112,7 +111,7 @@ def measure_group(ctx: RunContext, cells: list[Cell], keys, prompts, advance):
             rec = cell_record(ctx, r, prompts, base, peer)
         except Exception as err:  # noqa: BLE001 - a fault in one cell never loses the others
             log.debug(traceback.format_exc())
-            rec = _failed(ctx, r, f"{type(err).__name__}: {err}")
+            rec = bare_record(ctx, r, "failed", f"{type(err).__name__}: {err}")
         yield rec
     gc.collect()
     if ctx.device.type == "cuda":
@@ -132,23 +131,6 @@ def _guarded(r: CellRun, work, *args) -> None:
         r.status, r.error = "failed", f"{type(err).__name__}: {err}"
     if r.status != "ok":
         r.timed.clear()
-
-
-def _failed(ctx: RunContext, r: CellRun, error: str) -> GenerationRecord:
-    c = r.cell
-    return GenerationRecord(
-        key=r.key,
-        kind=c.kind,
-        suite=c.suite,
-        target=c.target,
-        draft=c.draft,
-        gamma=c.gamma,
-        mode=c.mode,
-        reference=ctx.reference,
-        hardware=describe(ctx.device),
-        status="failed",
-        error=error,
-    )
 
 
 def _prepare(ctx: RunContext, r: CellRun, prompts: list[EncodedPrompt]) -> None:
