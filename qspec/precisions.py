@@ -9,11 +9,22 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-PRECISION_NAMES = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "gptq-int4")
+PRECISION_NAMES = ("fp32", "bf16", "fp16", "int8", "int8-t0", "nf4", "fp4", "gptq-int4")
 MODEL_FREE_DRAFTER_NAMES = ("ngram",)
 
 # Higher rank = closer to the original weights; the reference is the best built target.
-FIDELITY = {"fp32": 6, "bf16": 5, "fp16": 5, "int8": 4, "gptq-int4": 3, "nf4": 2, "fp4": 1}
+# int8-t0 is int8 without outlier decomposition: its weights are the same, its activations
+# rounded a little more, so it ranks just below int8.
+FIDELITY = {
+    "fp32": 6,
+    "bf16": 5,
+    "fp16": 5,
+    "int8": 4,
+    "int8-t0": 3.5,
+    "gptq-int4": 3,
+    "nf4": 2,
+    "fp4": 1,
+}
 
 
 def reference_precision(precisions: list[str], device: str) -> str:

@@ -65,6 +65,18 @@ def build_int8(ctx: BuildContext):
     return _load(ctx, quantization_config=quant, dtype=_compute_dtype(ctx))
 
 
+def build_int8_t0(ctx: BuildContext):
+    """LLM.int8 without outlier decomposition (threshold 0): each matmul row is quantized on
+    its own, where threshold 6 takes outlier columns from every row of the batch. The model
+    can still fail batch invariance (invariance.py measures it): rounding activations to int8
+    can turn the attention's ~1e-6 shape-dependent noise into a visible jump."""
+    from transformers import BitsAndBytesConfig
+
+    _need_module("bitsandbytes", "pip install bitsandbytes")
+    quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
+    return _load(ctx, quantization_config=quant, dtype=_compute_dtype(ctx))
+
+
 def _build_4bit(kind: str):
     def build(ctx: BuildContext):
         from transformers import BitsAndBytesConfig
@@ -113,6 +125,7 @@ PRECISIONS: dict[str, Callable[[BuildContext], torch.nn.Module]] = {
     "bf16": _float(torch.bfloat16),
     "fp16": _float(torch.float16),
     "int8": build_int8,
+    "int8-t0": build_int8_t0,
     "nf4": _build_4bit("nf4"),
     "fp4": _build_4bit("fp4"),
     "gptq-int4": build_gptq_int4,
