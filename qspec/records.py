@@ -364,7 +364,7 @@ def upgrade(raw: dict) -> dict:
     """A record of an older layout in today's names: renamed fields take their new name, and
     fields this version does not know are left out (listed in the debug log)."""
     kind = raw.get("kind")
-    if kind not in _CLASSES:
+    if not isinstance(kind, str) or kind not in _CLASSES:
         return raw
     out = dict(raw)
     for old, new in _RENAMED.get(Kind(kind), {}).items():
@@ -383,7 +383,9 @@ def upgrade(raw: dict) -> dict:
 
 def parse(raw: dict) -> Record | None:
     """A typed record, or None for a kind this version does not know (or a malformed one)."""
-    if not isinstance(raw, dict) or raw.get("kind") not in _CLASSES:
+    if not isinstance(raw, dict) or not isinstance(raw.get("kind"), str):
+        return None
+    if raw["kind"] not in _CLASSES:
         return None
     try:
         return _ADAPTER.validate_python(upgrade(raw))
