@@ -47,10 +47,11 @@ def test_predictions_on_visited_text_agree_with_measured_acceptance(tmp_path, de
     assert invariant["fp32"] is True
     for (target, draft, mode), r in spec.items():
         assert r["status"] == "ok", r["error"]
-        assert r["tested"] >= 20  # sampled text repeats less: n-gram drafts test ~30
+        assert r["tested"] > 0
         # the prefill's token is never drafted, so never predicted
         assert r["alpha_predicted_positions"] <= sum(len(o["tokens"]) - 1 for o in r["outputs"])
         if r["target_batch_invariant"]:
+            assert r["tested"] >= 20  # sampled text repeats less: n-gram drafts test ~30 there
             assert r["alpha_agrees"], (
                 target,
                 draft,
