@@ -102,3 +102,20 @@ def write_config(path, model_dir, **overrides) -> str:
     ]
     path.write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+def greedy_fp32_run(tmp_path, model_dir):
+    """A loaded config and its suites for a small fp32-target, greedy, target-only-baseline run."""
+    from qspec.config import load_config
+    from qspec.suites import load_suite
+
+    cfg = load_config(
+        write_config(
+            tmp_path / "c.toml",
+            model_dir,
+            modes='["greedy"]',
+            baselines='["target_only"]',
+            _target='precisions = ["fp32"]',
+        )
+    )
+    return cfg, [load_suite(name) for name in cfg.suites]

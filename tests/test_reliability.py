@@ -9,14 +9,12 @@ import sys
 import time
 
 import pytest
-from conftest import write_config
+from conftest import greedy_fp32_run, write_config
 
 from qspec import store
 from qspec.cli import main
-from qspec.config import load_config
 from qspec.report import write_report
 from qspec.runner import run_evaluation
-from qspec.suites import load_suite
 
 
 def test_out_of_memory_in_one_cell_is_recorded_and_the_run_goes_on(tmp_path, tiny_model_dir):
@@ -24,17 +22,8 @@ def test_out_of_memory_in_one_cell_is_recorded_and_the_run_goes_on(tmp_path, tin
         if cell.kind == "speculative" and cell.draft == "nf4":
             raise MemoryError("simulated: could not allocate the KV cache")
 
-    cfg = load_config(
-        write_config(
-            tmp_path / "c.toml",
-            tiny_model_dir,
-            modes='["greedy"]',
-            baselines='["target_only"]',
-            _target='precisions = ["fp32"]',
-        )
-    )
+    cfg, suites = greedy_fp32_run(tmp_path, tiny_model_dir)
     out = tmp_path / "run"
-    suites = [load_suite(name) for name in cfg.suites]
     assert run_evaluation(cfg, out, suites, quiet=True, fault=fault) == 1
     write_report(out)
     cells = {

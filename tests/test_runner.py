@@ -10,13 +10,11 @@ import sys
 import time
 
 import pytest
-from conftest import write_config
+from conftest import greedy_fp32_run, write_config
 
 from qspec import store
 from qspec.cli import main
-from qspec.config import load_config
 from qspec.runner import run_evaluation
-from qspec.suites import load_suite
 
 
 def records(out):
@@ -200,16 +198,7 @@ def test_a_model_torch_compile_cannot_handle_is_measured_eagerly(
 
 def test_resume_measures_only_what_is_not_finished(tmp_path, tiny_model_dir):
     """A resumed run re-measures no finished cell; a cell stored as failed is measured again."""
-    cfg = load_config(
-        write_config(
-            tmp_path / "c.toml",
-            tiny_model_dir,
-            modes='["greedy"]',
-            baselines='["target_only"]',
-            _target='precisions = ["fp32"]',
-        )
-    )
-    suites = [load_suite(name) for name in cfg.suites]
+    cfg, suites = greedy_fp32_run(tmp_path, tiny_model_dir)
     out = tmp_path / "run"
     assert run_evaluation(cfg, out, suites, quiet=True) == 0
     first = records(out)
