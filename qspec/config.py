@@ -103,10 +103,23 @@ class TaskSettings(Strict):
     lossless_check: Literal["none", "reference", "all"] = "reference"
 
 
+class RaySettings(Strict):
+    """Where and how cell groups run when executor = "ray" (one worker process per group)."""
+
+    # None: $RAY_ADDRESS when set (an existing cluster), else a local cluster started here
+    address: str | None = None
+    # size of a local cluster started by qspec (None: every CPU of this machine)
+    num_cpus: int | None = Field(default=None, ge=1)
+    # what each cell group asks Ray for: CPUs on a CPU run; GPUs (a fraction shares one) on CUDA
+    cpus_per_group: float = Field(default=1.0, gt=0)
+    gpus_per_group: float = Field(default=1.0, gt=0, le=1)
+
+
 class RunConfig(Strict):
     # int8-t0 (no outlier decomposition) beside int8: is the threshold what breaks losslessness?
-    target: ModelSpec = ModelSpec(precisions=["fp32", "int8", "int8-t0", "nf4"])
-    draft: DraftSpec = DraftSpec(precisions=["int8", "nf4", "ngram"])
+    # gptq-int4 needs the gptq extra; without it its cells are recorded as unavailable
+    target: ModelSpec = ModelSpec(precisions=["fp32", "int8", "int8-t0", "nf4", "gptq-int4"])
+    draft: DraftSpec = DraftSpec(precisions=["int8", "nf4", "gptq-int4", "ngram"])
     # None: a sweep of 1..8 on CUDA, [3] on CPU (where each extra gamma costs minutes)
     gammas: list[int] | None = Field(default=None, min_length=1)
     repeats: int = Field(
@@ -139,6 +152,10 @@ class RunConfig(Strict):
     )
     quality: QualitySettings = QualitySettings()
     tasks: TaskSettings = TaskSettings()
+    # "local": every stage in this process, one cell after another; "ray": the stages as Ray
+    # tasks, each cell group (one target variant) in a worker process of its own
+    executor: Literal["local", "ray"] = "local"
+    ray: RaySettings = RaySettings()
 
     @field_validator("gammas")
     @classmethod

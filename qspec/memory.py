@@ -1,9 +1,11 @@
 """Peak memory of one cell: its own models' weights plus what its generations add on top.
 
-Every built variant stays resident during a run, so the process peak is the same for every
+In a local run every built variant stays resident, so the process peak is the same for every
 cell. A cell's own figure is the bytes of its target and draft weights as built plus the
 largest rise of memory during any one of its generations (KV caches, activations,
 temporaries): CUDA allocator figures on GPU, the resident set (VmRSS / VmHWM) on CPU.
+Where a process serves one cell group only (a Ray worker), its whole peak is the group's
+own too (process_peak).
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import resource
 from pathlib import Path
 
 import torch
+
+# The highest mark seen before any reset_peak: resets restart the kernel's and the
+# allocator's high-water marks, and the process's peak must survive them.
+_high_water = 0
 
 
 def _status_kib(field: str) -> int | None:
@@ -26,6 +32,8 @@ def _status_kib(field: str) -> int | None:
 
 def reset_peak(device: torch.device) -> int:
     """Restart the high-water mark; returns the bytes resident now (the rise is measured from here)."""
+    global _high_water
+    _high_water = max(_high_water, peak_bytes(device)[0])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
@@ -44,6 +52,13 @@ def peak_bytes(device: torch.device) -> tuple[int, str]:
     if hwm is not None:
         return hwm, "peak RSS of the process (VmHWM, reset per generation)"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS since process start"
+
+
+def process_peak(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured): this process's peak since it started, resets included."""
+    now, _ = peak_bytes(device)
+    what = "CUDA allocator peak" if device.type == "cuda" else "peak RSS"
+    return max(now, _high_water), f"{what} of the worker process that ran only this cell group"
 
 
 def cell_measure(device: torch.device) -> str:

@@ -217,6 +217,10 @@ class GenerationRecord(Record):
     peak_memory_bytes: int | None = None  # the cell's own: see peak_memory_measure
     peak_memory_measure: str | None = None
     memory_rise_bytes: int | None = None  # the largest rise during one generation
+    # executor = "ray": the peak of the worker process that ran this target's group alone,
+    # so far (its models, caches and activations, nothing of other groups)
+    group_peak_memory_bytes: int | None = None
+    group_peak_memory_measure: str | None = None
     target_kv_bytes: int | None = None
     draft_kv_bytes: int | None = None
     target_weights_bytes: int | None = None
@@ -413,3 +417,6 @@ class RunInfo(BaseModel):
     started: str | None = None
     finished: str | None = None
     cells_failed: int | None = None
+    # how the cells ran: "local" (one process, one cell at a time) or "ray", with the
+    # cluster's size and what each job asked for
+    executor: dict[str, Any] | None = None

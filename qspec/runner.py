@@ -37,7 +37,7 @@ def run_evaluation(
     results = out / "results.jsonl"
     device = pick_device(cfg.device)
     cfg = resolve_defaults(cfg, device.type)
-    _quiet_transformers()
+    quiet_transformers()
     torch.manual_seed(cfg.seed)
     info = RunInfo(
         config=cfg.model_dump(),
@@ -69,9 +69,8 @@ def run_evaluation(
             fault=fault,
         )
         progress = Progress(quiet=quiet)
-        for stage in STAGES.values():
-            for record in stage(ctx, progress):
-                failed += write(results, record)
+        for record in _records(ctx, calibration, progress, info, out):
+            failed += write(results, record)
         info.status = "complete" if not failed else "partial"
     except KeyboardInterrupt:
         info.status = "interrupted"
@@ -83,13 +82,32 @@ def run_evaluation(
     return 1 if failed else 0
 
 
+def _records(ctx: RunContext, calibration, progress, info: RunInfo, out: Path):
+    """Every stage's records: in this process, in order, or as Ray jobs in worker processes."""
+
+    def started(executor: dict) -> None:
+        info.executor = executor
+        if ctx.concurrency:
+            info.hardware_label = f"{info.hardware_label}; {ctx.concurrency}"
+        store.write_json(out / "run.json", info.model_dump())
+
+    if ctx.cfg.executor == "ray":
+        from qspec.ray_executor import run_jobs
+
+        yield from run_jobs(ctx, calibration, progress, started)
+        return
+    started({"kind": "local", "concurrency": "one cell at a time, in one process"})
+    for stage in STAGES.values():
+        yield from stage(ctx, progress)
+
+
 def write(results: Path, record: Record) -> int:
     """Append one record; returns 1 when it is a failure (for the run's exit status)."""
     store.append(results, record.dump())
     return int(record.status == "failed")
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -32,7 +32,8 @@ import torch
 
 from qspec.prompts import stop_ids
 from qspec.sampling import GREEDY, Sampler, sampler_for
-from qspec.suites import Suite, SuiteError, materialize_task_yaml, task_config
+from qspec.suites import Suite, SuiteError
+from qspec.task_yaml import materialize_task_yaml, task_config
 
 log = logging.getLogger(__name__)
 

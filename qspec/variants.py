@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -98,9 +99,11 @@ def build_gptq_int4(ctx: BuildContext):
 
     if not ctx.calibration_texts:
         raise VariantUnavailable("gptq-int4 needs calibration text (a suite with a corpus)")
-    key = hashlib.sha256("\n".join([ctx.location, *ctx.calibration_texts]).encode()).hexdigest()[
-        :16
-    ]
+    # gptqmodel's CPU pool defaults to half the cores: one worker on a 2-core machine
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(torch.get_num_threads()))
+    group = _gptq_group_size(ctx)
+    blob = json.dumps([ctx.location, 4, group, ctx.calibration_texts])
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     # qspec-source.json is written last and only by atomic builds: a folder without it is a
     # leftover of an interrupted in-place build (before atomic_dir) and is rebuilt.
     out = cache.entry_dir("gptq", key)
@@ -108,16 +111,32 @@ def build_gptq_int4(ctx: BuildContext):
         cache.touch(out)
         return _load(BuildContext(str(out), ctx.device, ctx.trust_remote_code))
     tok = AutoTokenizer.from_pretrained(ctx.location, trust_remote_code=ctx.trust_remote_code)
-    quant = GPTQConfig(bits=4, group_size=128, dataset=ctx.calibration_texts, tokenizer=tok)
+    quant = GPTQConfig(bits=4, group_size=group, dataset=ctx.calibration_texts, tokenizer=tok)
     model = _load(ctx, quantization_config=quant, dtype=_compute_dtype(ctx))
     with cache.atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        source = {"model": ctx.location, "bits": 4, "group_size": 128, "calibration": key}
+        source = {"model": ctx.location, "bits": 4, "group_size": group, "calibration": key}
         (tmp / "qspec-source.json").write_text(json.dumps(source))
     cache.touch(out)
     cache.enforce_limit(keep=out)
     return model
+
+
+def _gptq_group_size(ctx: BuildContext) -> int:
+    """128 where it divides every linear layer's input width, else the largest power of two
+    below it that does: the CPU int4 kernel needs whole groups (SmolLM2-135M's 576 takes 64)."""
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(ctx.location, trust_remote_code=ctx.trust_remote_code)
+    widths = [getattr(conf, k, 0) or 0 for k in ("hidden_size", "intermediate_size")]
+    heads = getattr(conf, "num_attention_heads", 0) or 0
+    head_dim = getattr(conf, "head_dim", None) or (widths[0] // heads if heads else 0)
+    widths.append(heads * head_dim)  # o_proj's input
+    for group in (128, 64, 32, 16):
+        if all(w % group == 0 for w in widths if w):
+            return group
+    raise VariantUnavailable(f"no GPTQ group size divides the layer widths {widths}")
 
 
 PRECISIONS: dict[str, Callable[[BuildContext], torch.nn.Module]] = {

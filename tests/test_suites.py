@@ -18,8 +18,8 @@ from qspec.suites import (
     discover_suites,
     list_suites,
     load_suite,
-    materialize_task_yaml,
 )
+from qspec.task_yaml import materialize_task_yaml
 
 SMOL = Path("/tmp/smol")
 

@@ -45,9 +45,10 @@ def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
         )
         if built.model is not None:
             text = text if text is not None else _suite_text(ctx)
-            rec.batch_invariance = built.invariance = _invariance(ctx, built, text)
+            rec.batch_invariance = _invariance(ctx, built, text)
             if rec.batch_invariance is not None:
                 rec.batch_invariant = rec.batch_invariance["batch_invariant"]
+                ctx.invariance[(ref.ref, precision)] = rec.batch_invariance
         yield VariantRecord.model_validate(rec.model_dump())
 
 

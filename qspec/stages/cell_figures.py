@@ -14,7 +14,7 @@ import math
 import torch
 
 from qspec.environment import describe
-from qspec.memory import cell_measure
+from qspec.memory import cell_measure, process_peak
 from qspec.metrics import (
     acceptance,
     expected_acceptance_rate,
@@ -43,7 +43,7 @@ def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
     if c.kind == Kind.SPECULATIVE:
         drafting = [s for t in r.timed for s in t.gen.steps if s.drafted]
         f["mean_drafted"] = sum(s.drafted for s in drafting) / len(drafting) if drafting else None
-    invariance = ctx.models.build("target", c.target).invariance
+    invariance = ctx.invariance.get((ctx.models.target_ref.ref, c.target))
     f["target_batch_invariant"] = invariance["batch_invariant"] if invariance else None
     f.update(_memory(ctx, r))
     f.update(_engine_figures(ctx, r, prompts) if c.kind != Kind.HF_ASSISTED else _hf_figures(r))
@@ -82,7 +82,7 @@ def bare_record(ctx, r, status: str, error: str | None) -> GenerationRecord:
         mode=c.mode,
         draft_length=c.draft_length,
         reference=ctx.reference,
-        hardware=describe(ctx.device),
+        hardware=describe(ctx.device) + (f"; {ctx.concurrency}" if ctx.concurrency else ""),
         status=status,
         error=error,
     )
@@ -94,11 +94,14 @@ def _first_pass(r) -> list:
 
 def _memory(ctx, r) -> dict:
     rise = max((t.memory_rise for t in r.timed), default=0)
-    return {
+    f = {
         "peak_memory_bytes": r.own_weights + rise,
         "peak_memory_measure": cell_measure(ctx.device),
         "memory_rise_bytes": rise,
     }
+    if ctx.targets is not None:  # a process of this target's group alone: its peak is the group's
+        f["group_peak_memory_bytes"], f["group_peak_memory_measure"] = process_peak(ctx.device)
+    return f
 
 
 def _engine_figures(ctx, r, prompts) -> dict:

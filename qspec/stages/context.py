@@ -47,7 +47,6 @@ class Built:
     error: str | None = None
     weights_bytes: int | None = None
     build_s: float | None = None
-    invariance: dict | None = None  # batch-invariance figures, set by the build stage
 
 
 class Models:
@@ -162,6 +161,17 @@ class RunContext:
     bandwidth: dict | None = None  # copy bandwidth of the device (run.json), for the roofline
     # Tests pass a function of the Cell that raises, to check one cell's fault stays its own.
     fault: Callable[[Cell], None] | None = None
+    # The target variants this process works on (a Ray job's group); None: every one
+    targets: tuple[str, ...] | None = None
+    # (model ref, precision) -> batch-invariance figures, from the build stage (or, in a Ray
+    # worker, from the build job's records)
+    invariance: dict[tuple[str, str], dict] = field(default_factory=dict)
+    # What the timing cells shared the machine with (a Ray run's concurrent workers), for
+    # the hardware label of every figure; None when cells ran one at a time in one process
+    concurrency: str | None = None
+
+    def works_on(self, target: str) -> bool:
+        return self.targets is None or target in self.targets
 
     @property
     def reference(self) -> str:

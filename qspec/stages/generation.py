@@ -62,7 +62,7 @@ class CellRun:
 
 
 def generation_stage(ctx: RunContext, progress) -> Iterator[GenerationRecord]:
-    cells = plan(ctx.cfg, list(ctx.suites), ctx.device.type)
+    cells = [c for c in plan(ctx.cfg, list(ctx.suites), ctx.device.type) if ctx.works_on(c.target)]
     prompts: dict[str, list[EncodedPrompt]] = {}
     with progress.task("cells", total=len(cells)) as advance:
         for group in groups(cells):

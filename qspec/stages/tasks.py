@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from qspec.plan import key_of_record, key_of_stage
 from qspec.records import Kind, Record, TaskLosslessRecord, TaskRecord
 from qspec.stages.context import RunContext, Skip
-from qspec.suites import task_config
+from qspec.task_yaml import task_config
 
 
 def task_stage(ctx: RunContext, progress) -> Iterator[Record]:
@@ -21,7 +21,8 @@ def task_stage(ctx: RunContext, progress) -> Iterator[Record]:
         if not (suite.task_files or suite.task_names):
             continue
         for precision in ctx.cfg.target.precisions:
-            yield from _accuracy(ctx, suite, precision, progress)
+            if ctx.works_on(precision):
+                yield from _accuracy(ctx, suite, precision, progress)
         yield from lossless_checks(ctx, suite, progress)
 
 
@@ -70,7 +71,7 @@ def lossless_checks(ctx: RunContext, suite, progress) -> Iterator[TaskLosslessRe
         return
     targets = cfg.target.precisions if cfg.tasks.lossless_check == "all" else [ctx.reference]
     gamma = max(cfg.gammas)
-    for target in targets:
+    for target in filter(ctx.works_on, targets):
         try:
             model = ctx.models.model("target", target)
         except Skip:
