@@ -130,6 +130,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and GPTQ's bars; qspec has its own
+    # torchao (pulled in by gptqmodel) reports kernels this CPU build lacks and registers
+    # enums the way torch now warns about, at every import; optimum and gptqmodel log each
+    # quantized layer: none of it concerns a qspec run
+    for name in ("torchao", "torch.utils._pytree", "optimum", "gptqmodel"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,7 +79,7 @@ def lost_records(
             )
     elif job.stage == "variants":
         target_ref, draft_ref = model_refs
-        wanted = [(target_ref, p) for p in cfg.target.precisions]
+        wanted = [(target_ref, p) for p in cfg.target.precisions + cfg.quality.variants]
         wanted += [(draft_ref, draft_variant(d)) for d in cfg.draft.precisions]
         for ref, precision in dict.fromkeys(w for w in wanted if w[1] is not None):
             key = key_of_variant(ref, precision, device)

@@ -16,6 +16,9 @@ from qspec.records import Kind, Record
 from qspec.store import cell_key
 
 DONE = ("ok", "unavailable")
+# transformers' prompt lookup as its documentation runs it (prompt_lookup_num_tokens=10,
+# max_matching_ngram_size left at its default of 2): a peer cell beside the n-gram drafter's
+HF_PROMPT_LOOKUP_TOKENS = 10
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,11 @@ def plan(cfg: RunConfig, suite_names: list[str], device: str = "cpu") -> list[Ce
                 peer = cfg.hf_assisted_targets == "all" or target == reference
                 if "hf_assisted" in cfg.baselines and mode in cfg.hf_assisted_modes and peer:
                     for draft in cfg.draft.precisions:
-                        cells.append(
-                            Cell(Kind.HF_ASSISTED, suite, target, draft, max(cfg.gammas), mode)
-                        )
+                        gammas = [max(cfg.gammas)]
+                        if draft in MODEL_FREE_DRAFTER_NAMES:
+                            gammas.append(HF_PROMPT_LOOKUP_TOKENS)
+                        for gamma in dict.fromkeys(gammas):
+                            cells.append(Cell(Kind.HF_ASSISTED, suite, target, draft, gamma, mode))
     return cells
 
 

@@ -173,10 +173,8 @@ def _lost(ctx: RunContext, job: Job, written: set[str], reason: str) -> list[Rec
     refs = (ctx.models.target_ref, ctx.models.draft_ref)
     model_refs = tuple(r.ref if r is not None else "" for r in refs)
     suites = list(ctx.suites.values())
-    return lost_records(
-        job, ctx.cfg, suites, ctx.device.type, ctx.versions, model_refs, written,
-        ctx.finished, reason,
-    )  # fmt: skip
+    args = (ctx.cfg, suites, ctx.device.type, ctx.versions, model_refs, written, ctx.finished)
+    return lost_records(job, *args, reason)
 
 
 def work_in_worker(

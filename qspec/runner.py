@@ -55,7 +55,7 @@ def run_evaluation(
     previous = [r for r in map(parse, store.read(results)) if r is not None] if resume else []
     if not resume and results.exists():
         results.unlink()
-    calibration = [doc for s in suites for doc in _safe_corpus(s)][:64]
+    calibration = calibration_texts(suites)
     failed = 0
     try:
         ctx = RunContext(
@@ -112,6 +112,23 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+# Text that GPTQ calibrates on and the layer-skip search scores. Little, because a CPU GPTQ
+# build takes time in proportion (SmolLM2-135M: ~40 s + ~10 s per 1000 calibration tokens),
+# and from the end of each corpus, because the quality pass scores its beginning: a variant
+# is not judged on the text it was fitted to.
+CALIBRATION_CHARS = 8000  # about 2000 tokens
+
+
+def calibration_texts(suites) -> list[str]:
+    out, left = [], CALIBRATION_CHARS
+    for doc in (d for s in suites for d in reversed(_safe_corpus(s))):
+        if left <= 0:
+            break
+        out.append(doc[:left])
+        left -= len(out[-1])
+    return out
 
 
 def _safe_corpus(suite) -> list[str]:

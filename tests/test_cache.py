@@ -164,6 +164,7 @@ def test_gptq_build_is_atomic_and_a_half_written_entry_is_rebuilt(tmp_path, monk
     model = Saves(fail=True)
     loads = []
     monkeypatch.setattr(variants, "_need_module", lambda *a: None)
+    monkeypatch.setattr(variants, "_gptq_group_size", lambda ctx: 128)
     monkeypatch.setattr(variants, "_load", lambda ctx, **kw: loads.append(ctx.location) or model)
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **kw: Saves())
     ctx = variants.BuildContext("some/model", "cpu", calibration_texts=["text"])
@@ -230,3 +231,24 @@ def test_cache_module_does_not_import_models():
     for name in ("models", "variants", "builtin_data"):
         text = (ROOT / "qspec" / f"{name}.py").read_text()
         assert "QSPEC_CACHE" not in text and "def cache_root" not in text, name
+
+
+@pytest.mark.parametrize(
+    ("hidden", "intermediate", "heads", "group"),
+    [(576, 1536, 9, 64), (1024, 4096, 16, 128), (96, 200, 3, 8)],
+)
+def test_gptq_group_size_divides_every_layer_input(tmp_path, hidden, intermediate, heads, group):
+    """The CPU int4 kernel needs whole groups: SmolLM2-135M's width 576 takes 64, not 128."""
+    from transformers import LlamaConfig
+
+    from qspec import variants
+
+    LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads
+    ).save_pretrained(tmp_path)
+    ctx = variants.BuildContext(str(tmp_path), "cpu")
+    if group < 16:
+        with pytest.raises(variants.VariantUnavailable, match="no GPTQ group size"):
+            variants._gptq_group_size(ctx)
+    else:
+        assert variants._gptq_group_size(ctx) == group

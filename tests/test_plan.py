@@ -41,14 +41,15 @@ def test_plan_puts_each_baseline_before_the_cells_that_compare_with_it():
     spec = [c for c in cells if c.kind == Kind.SPECULATIVE]
     assert len(spec) == 2 * 2 * 2 * 2
     peers = [c for c in cells if c.kind == Kind.HF_ASSISTED]
-    assert {(c.target, c.mode, c.gamma) for c in peers} == {("fp32", "greedy", 4)}
-    assert len(peers) == 2  # one per draft
+    assert {(c.target, c.mode) for c in peers} == {("fp32", "greedy")}
+    # one per draft at the largest gamma; the n-gram drafter's also at transformers' defaults
+    assert sorted((c.draft, c.gamma) for c in peers) == [("int8", 4), ("ngram", 4), ("ngram", 10)]
 
 
 def test_plan_peer_on_every_target_and_mode_when_asked():
     cfg = config(hf_assisted_targets="all", hf_assisted_modes=["greedy", "sample"])
     peers = [c for c in plan(cfg, ["a", "b"], "cpu") if c.kind == Kind.HF_ASSISTED]
-    assert len(peers) == 2 * 2 * 2 * 2  # suites x targets x modes x drafts
+    assert len(peers) == 2 * 2 * 2 * 3  # suites x targets x modes x (drafts + lookup defaults)
     no_peer = config(baselines=["target_only"])
     assert not [c for c in plan(no_peer, ["a"], "cpu") if c.kind == Kind.HF_ASSISTED]
 

@@ -21,8 +21,6 @@ from qspec.suites import (
 )
 from qspec.task_yaml import materialize_task_yaml
 
-SMOL = Path("/tmp/smol")
-
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path):
@@ -402,8 +400,7 @@ def test_materialize_resolves_against_yaml_or_suite_folder_and_merges_include(tm
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SMOL / "tokenizer.json").is_file(), reason="needs /tmp/smol tokenizer")
-def test_lm_eval_runs_default_tasks_on_tiny_model(tmp_path):
+def test_lm_eval_runs_default_tasks_on_tiny_model(tmp_path, default_model_dir):
     """Both generated tasks run through lm-eval with an in-memory model and no network."""
     import lm_eval
     import torch
@@ -411,7 +408,7 @@ def test_lm_eval_runs_default_tasks_on_tiny_model(tmp_path):
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(SMOL)
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tok),

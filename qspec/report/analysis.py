@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qspec.precisions import MODEL_FREE_DRAFTER_NAMES
 from qspec.records import (
     GENERATION_KINDS,
     GenerationRecord,
@@ -152,7 +153,8 @@ class Run:
             if c.draft_length != "fixed":
                 s += f" ({c.draft_length} draft length)"
             if c.kind == Kind.HF_ASSISTED:
-                s += " (HF assisted)"
+                lookup = c.draft in MODEL_FREE_DRAFTER_NAMES
+                s += " (HF prompt lookup)" if lookup else " (HF assisted)"
         if suite if suite is not None else self.multi_suite():
             s = f"[{c.suite}] {s}"
         return s

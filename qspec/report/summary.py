@@ -69,6 +69,11 @@ def summary_text(run_dir: Path, budget: Budget | None = None) -> str:
                 f"{m['mode'].capitalize()}: recommended within {budget_txt}: "
                 f"{_describe(head)}{point}."
             )
+        if m["unproven"] is not None:
+            u = m["unproven"]
+            parts.append(
+                f"Faster but quality {u.quality.label} (not shown within budget): {_describe(u)}."
+            )
         parts.append(f"Behind it: {m['samples']}.")
     if v["non_lossless"]:
         which = ", ".join(f"{n['target']}+{n['draft']}" for n in v["non_lossless"])

@@ -20,7 +20,7 @@ INVARIANCE_POSITIONS = 128  # compared positions per variant: a few seconds each
 
 def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
     cfg, models = ctx.cfg, ctx.models
-    roles = [("target", p) for p in cfg.target.precisions]
+    roles = [("target", p) for p in dict.fromkeys(cfg.target.precisions + cfg.quality.variants)]
     drafts = [draft_variant(name) for name in cfg.draft.precisions]
     roles += [("draft", p) for p in dict.fromkeys(drafts) if p is not None]
     seen = set()

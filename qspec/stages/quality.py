@@ -58,7 +58,8 @@ def suite_quality(ctx: RunContext, suite, progress) -> list[Record]:
     """One quality_pass over the suite corpus with every built target and model draft."""
     cfg = ctx.cfg
     models, names = {}, {}
-    for precision in cfg.target.precisions:
+    screened = list(dict.fromkeys(cfg.target.precisions + cfg.quality.variants))
+    for precision in screened:
         model = _built(ctx, "target", precision)
         if model is not None:
             models[precision] = model
@@ -93,7 +94,7 @@ def suite_quality(ctx: RunContext, suite, progress) -> list[Record]:
     records: list[Record] = []
     target_ref = ctx.models.target_ref.ref
     for name, stats in result.variants.items():
-        if name not in cfg.target.precisions:
+        if name not in screened:
             continue
         built = ctx.models.built.get((target_ref, name))
         records.append(

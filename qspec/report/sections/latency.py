@@ -23,6 +23,9 @@ def build(run: Run) -> dict:
         "figures": _figures(run, rows),
         "caption": run.caption(rows),
         "compile": compile_.build(run, rows),
+        "group_peaks": next(
+            (c.group_peak_memory_measure for c in rows if c.group_peak_memory_bytes), None
+        ),
         "buckets": [{"i": b, "label": bucket_label(b)} for b in buckets],
         "bucket_rows": brows,
         "bucket_figure": figure,

@@ -48,6 +48,7 @@ def build(run: Run) -> dict:
         "suites": run.suites,
         "hardware": info.hardware,
         "hardware_label": run.hardware_label,
+        "executor": info.executor,
         "versions": info.versions,
         "config": json.dumps(run.config, indent=2, default=str) if run.config else None,
         "cells_failed": info.cells_failed,

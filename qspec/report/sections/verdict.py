@@ -5,13 +5,15 @@ hardware, output that is not lossless, an incomplete run).
 A speculative pairing is recommended only when its speedup's 95% interval lies entirely above 1
 (an older run without intervals: the point estimate, labelled as such); otherwise the headline
 is the best eligible target alone, with the best speculative option named second. Eligible:
-the target's quality budget is not failed and the output is not shown to differ."""
+the target's quality budget is not failed and the output is not shown to differ. The headline
+goes to an option whose target is shown within budget; a faster one whose quality is only
+inconclusive is named beside it (another run could fail it), never above it."""
 
 from __future__ import annotations
 
 from qspec.records import Kind
 from qspec.report.analysis import Run
-from qspec.report.budget import PPL_TEST, TASK_TEST
+from qspec.report.budget import PASS, PPL_TEST, TASK_TEST
 from qspec.report.format import fmt_bytes, text
 from qspec.report.pairings import Pairing, pairings, ranking
 
@@ -47,6 +49,13 @@ def build(run: Run) -> dict:
 def _mode(run: Run, mode: str) -> dict:
     options = ranking(run, mode)
     eligible = [p for p in options if p.eligible]
+    shown = [p for p in eligible if p.quality.verdict == PASS]
+    unproven = None
+    if shown:  # nothing shown within budget (no quality figures at all): rank what is eligible
+        unproven = next((p for p in eligible if p.quality.verdict != PASS), None)
+        if unproven is not None and options.index(unproven) > options.index(shown[0]):
+            unproven = None  # slower than the headline's candidates anyway
+        eligible = shown
     faster = [p for p in eligible if not p.alone and p.faster]
     best_alone = next((p for p in eligible if p.alone), None)
     best_spec = next((p for p in eligible if not p.alone), None)
@@ -66,6 +75,7 @@ def _mode(run: Run, mode: str) -> dict:
         "best_spec": best_spec,
         "samples": samples_text(samples(run, head)) if head else None,
         "point_only": head is not None and head.interval_missing,
+        "unproven": unproven,
     }
 
 
