@@ -37,8 +37,9 @@ from qspec.environment import describe, pick_device
 from qspec.metrics import acceptance
 from qspec.models import resolve
 from qspec.plan import spread
-from qspec.prompts import prompt_ids
+from qspec.prompts import prompt_ids, stop_ids
 from qspec.roofline import copy_bandwidth, roofline
+from qspec.runner import calibration_texts
 from qspec.sampling import sampler_for
 from qspec.suites import load_suite
 from qspec.variants import BuildContext, build, weight_bytes
@@ -142,18 +143,16 @@ def main() -> None:
             f"random llama-{args.random}",
         )
     tok = AutoTokenizer.from_pretrained(location)
-    eos = frozenset([tok.eos_token_id])
-    target = build(args.target, BuildContext(location, device.type))
+    suite = load_suite("default")
+    # the run's calibration text (GPTQ), from the end of the default suite's corpus
+    ctx = BuildContext(location, device.type, calibration_texts=calibration_texts([suite]))
+    target = build(args.target, ctx)
+    eos = stop_ids(tok, target)  # the same stop tokens as the evaluation's cells
     draft_model = None
     if args.draft not in MODEL_FREE_DRAFTERS:
-        draft_model = (
-            target
-            if args.draft == args.target
-            else build(args.draft, BuildContext(location, device.type))
-        )
+        draft_model = target if args.draft == args.target else build(args.draft, ctx)
     prompts = [
-        torch.tensor(prompt_ids(tok, p), device=device)
-        for p in spread(load_suite("default").prompts, args.prompts)
+        torch.tensor(prompt_ids(tok, p), device=device) for p in spread(suite.prompts, args.prompts)
     ]
     sampler = sampler_for(args.mode, temperature=1.0)
     # Hooks inside a compiled graph would break it, so compiled runs report no overhead.
@@ -252,7 +251,8 @@ def main() -> None:
         compile_times.append((f"gamma {gamma}", compile_s))
         forward_s = sum(t.seconds for t in timers)
         steps = [s for g in gens for s in g.steps]
-        wall = sum(s.draft_s + s.verify_s for s in steps) + sum(g.prefill_s for g in gens)
+        prefills = sum(g.prefill_s + g.draft_prefill_s for g in gens)  # both models' prompt passes
+        wall = sum(s.draft_s + s.verify_s for s in steps) + prefills
         overhead = 1 - forward_s / wall if wall and timers else float("nan")
         stats = acceptance(steps, gamma)
         verify = roofline("verify", weights, [s.verify_s for s in steps if s.drafted], bandwidth)

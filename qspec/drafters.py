@@ -1,6 +1,7 @@
 """Drafters: whatever proposes tokens for the target to verify.
 
-A drafter has three methods: prefill(prompt, capacity, compile), propose(tokens, gamma,
+A drafter has three methods: prefill(prefix, capacity, compile) with the prompt and the
+target's first token, propose(tokens, gamma,
 sampler, generator, history) -> (draft ids, draft probabilities or None), and
 rollback(n) to forget everything past the first n tokens. `tokens` is the sequence on
 the device, `history` the same on the host. `None` probabilities mean a deterministic proposal (a one-hot q).
@@ -26,10 +27,11 @@ class ModelDrafter:
     kv: object = None
 
     def prefill(self, tokens: torch.Tensor, capacity: int, compile: bool = False) -> None:
-        """Allocates the cache and runs the prompt through the draft (its last position only
-        goes through the lm head), so the first proposal is a one-token step like the others."""
+        """Allocates the cache and runs the prefix (prompt + the target's first token) through
+        the draft in one forward, timed apart from the steps; its last logits give the first
+        draft token, so the first step costs no more draft forwards than any other."""
         self.kv = new_kv(self.model, capacity, compile, slot="draft")
-        self.kv.forward(tokens, last_only=True)
+        self.next_logits = self.kv.forward(tokens, last_only=True)[-1]
         self.ids = tokens.new_empty(0)
 
     def propose(self, tokens, gamma, sampler: Sampler, generator, history=None, stop_below=None):
@@ -40,7 +42,10 @@ class ModelDrafter:
         for i in range(gamma):
             # only the last position's logits are needed; several pending tokens take the
             # (never compiled) prefill path, so compiled steps keep their one-token shape
-            logits = self.kv.forward(pending, last_only=pending.numel() > 1)[-1]
+            if pending.numel():
+                logits = self.kv.forward(pending, last_only=pending.numel() > 1)[-1]
+            else:  # right after the prefill, which ran the whole prefix
+                logits = self.next_logits
             if i == 0 and self.ids.numel() < gamma:  # buffers reused across steps
                 self.ids = tokens.new_empty(gamma)
                 self.probs = logits.new_empty(gamma, logits.shape[-1], dtype=torch.float32)

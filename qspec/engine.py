@@ -159,7 +159,7 @@ def generate(
     prefill_s = time.perf_counter() - start
     gen = Generation(n_prompt, [first], prefill_s=prefill_s, ttft_s=prefill_s, kv_path=kv.path)
     if drafter is not None:  # timed apart, so it inflates neither TTFT nor the first step's draft
-        drafter.prefill(prompt, capacity, compile)
+        drafter.prefill(ids[: n_prompt + 1], capacity, compile)
         sync(device)
         gen.draft_prefill_s = time.perf_counter() - start - prefill_s
     history.append(first)

@@ -77,7 +77,8 @@ def replay_greedy(
     """
     n_prompt, total = prompt.numel(), len(emitted)
     ids = torch.cat([prompt, torch.tensor(emitted, dtype=prompt.dtype, device=prompt.device)])
-    drafter.prefill(prompt, n_prompt + max_new_tokens + max_drafts(draft_length, gamma) + 1)
+    capacity = n_prompt + max_new_tokens + max_drafts(draft_length, gamma) + 1
+    drafter.prefill(ids[: n_prompt + 1], capacity)
     history = prompt.tolist() + emitted[:1]
     done, steps, schedule = 1, [], gamma
     stop_below = threshold if draft_length == "confidence" else None

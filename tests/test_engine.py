@@ -273,14 +273,22 @@ def test_a_short_full_accept_is_not_a_rejection():
 
 
 def test_the_draft_reads_the_prompt_before_the_first_step(target_model, draft_model):
-    """The draft's prompt forward is timed apart, so the first step's draft time is a step's."""
+    """The draft's prompt forward is timed apart, so the first step's draft time is a step's;
+    it also takes the target's first token, so no draft forward is spent twice: one prefill
+    plus one forward per drafted token, less the one the prefill's logits already gave."""
     drafter = ModelDrafter(draft_model)
     drafter.prefill(PROMPT, 64)
     assert drafter.kv.length == PROMPT.numel()
-    gen = generate(
-        target_model, PROMPT, drafter=ModelDrafter(draft_model), gamma=3, max_new_tokens=12
-    )
+    calls = []
+    hook = draft_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        gen = generate(
+            target_model, PROMPT, drafter=ModelDrafter(draft_model), gamma=3, max_new_tokens=12
+        )
+    finally:
+        hook.remove()
     assert gen.draft_prefill_s > 0
+    assert len(calls) == 1 + sum(s.drafted for s in gen.steps) - 1
 
 
 def test_heuristic_schedule_grows_after_full_accepts_and_shrinks_after_rejections():
