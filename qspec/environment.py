@@ -66,6 +66,14 @@ def describe(device: torch.device) -> str:
     return f"CPU: {cpu_model()} ({torch.get_num_threads()} threads)"
 
 
+def quiet_transformers() -> None:
+    """transformers' own progress bars and notices, off in every process that runs stages."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("config asks for device 'cuda' but torch sees no CUDA device")

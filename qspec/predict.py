@@ -66,6 +66,7 @@ def replay_greedy(
     max_new_tokens: int,
     draft_length: str = "fixed",
     threshold: float = 0.4,
+    capacity: int = 0,
 ) -> list[Step]:
     """The steps a greedy speculative run over this output must have taken, without the target.
 
@@ -77,7 +78,9 @@ def replay_greedy(
     """
     n_prompt, total = prompt.numel(), len(emitted)
     ids = torch.cat([prompt, torch.tensor(emitted, dtype=prompt.dtype, device=prompt.device)])
-    capacity = n_prompt + max_new_tokens + max_drafts(draft_length, gamma) + 1
+    # the cache as large as the engine's was: a quantized draft is not invariant to the
+    # attention's length either (masked positions change the kernel's blocking)
+    capacity = max(capacity, n_prompt + max_new_tokens + max_drafts(draft_length, gamma) + 1)
     drafter.prefill(ids[: n_prompt + 1], capacity)
     history = prompt.tolist() + emitted[:1]
     done, steps, schedule = 1, [], gamma

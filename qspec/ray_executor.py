@@ -195,8 +195,8 @@ def work_in_worker(
     """One job in its own process: a RunContext of its own, the stage's records as dicts."""
     import torch
 
+    from qspec.environment import quiet_transformers
     from qspec.progress import Progress
-    from qspec.runner import quiet_transformers
     from qspec.stages import STAGES
     from qspec.stages.context import Models
 

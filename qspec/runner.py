@@ -14,7 +14,7 @@ import torch
 
 from qspec import store
 from qspec.config import RunConfig, resolve_defaults
-from qspec.environment import describe, hardware, pick_device, versions
+from qspec.environment import describe, hardware, pick_device, quiet_transformers, versions
 from qspec.plan import Cell, Finished
 from qspec.progress import Progress
 from qspec.records import Record, RunInfo, parse
@@ -105,13 +105,6 @@ def write(results: Path, record: Record) -> int:
     """Append one record; returns 1 when it is a failure (for the run's exit status)."""
     store.append(results, record.dump())
     return int(record.status == "failed")
-
-
-def quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 # Text that GPTQ calibrates on and the layer-skip search scores. Little, because a CPU GPTQ

@@ -21,17 +21,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUITE_FILE = "suite.toml"
+from qspec.suite_files import SUITE_FILE, SuiteError, read_text, show
+from qspec.task_yaml import task_config
+
 ENV_VAR = "QSPEC_SUITES_PATH"
 ENTRY_POINT_GROUP = "qspec.suites"
 SUITE_KEYS = ("corpus", "description", "name", "prompts", "requires_hub", "tasks")
 PROMPT_FIELDS = ("category", "id", "max_new_tokens", "messages", "prompt")
 YAML_SUFFIXES = (".yaml", ".yml")
 GLOB_CHARS = set("*?[")
-
-
-class SuiteError(ValueError):
-    """A suite that cannot be used; the message names the file (and line) and the problem."""
 
 
 @dataclass
@@ -106,27 +104,9 @@ class SuiteSummary:
 # ---------------------------------------------------------------- helpers
 
 
-def show(path: Path) -> str:
-    """Path as the user would type it: relative to the working directory when inside it."""
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except (ValueError, OSError):
-        return str(path)
-
-
 def builtin_suites_dir() -> Path:
     """The built-in suites: package data inside qspec, so an installed wheel has them too."""
     return Path(__file__).resolve().parent / "builtin_suites"
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise SuiteError(f"{show(path)}: not valid UTF-8 text ({exc})") from exc
-    except OSError as exc:
-        raise SuiteError(f"{show(path)}: cannot read ({exc.strerror or exc})") from exc
 
 
 def _resolve_callable(ref: object, where: str):
@@ -332,8 +312,6 @@ def _tasks(value: object, suite_dir: Path, toml_path: Path) -> tuple[list[Path],
                 files.append(path)
             else:
                 names.append(entry)
-    from qspec.task_yaml import task_config  # it reports through this module's SuiteError
-
     seen: dict[str, Path] = {}
     for path in files:
         cfg = task_config(path, suite_dir)

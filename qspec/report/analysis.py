@@ -3,6 +3,7 @@ labels, the reference variant, the target-only baselines, weights and sample-siz
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 
 from qspec.precisions import MODEL_FREE_DRAFTER_NAMES
@@ -19,9 +20,8 @@ from qspec.records import (
     VariantRecord,
 )
 from qspec.report.budget import Budget, variant_quality
-from qspec.report.format import text
+from qspec.report.format import fmt, text
 from qspec.report.load import load_run
-from qspec.report.pairings import draft_name, not_lossless
 
 MODES = ("greedy", "sample")
 
@@ -56,6 +56,45 @@ def prompt_times(c: GenerationRecord) -> dict[str, tuple[int, float, str]]:
         if n and tps:
             out[o.id] = (n, n / tps, o.category or "(none)")
     return out
+
+
+def draft_name(draft: str | None, skip: list[int] | None) -> str:
+    """A draft as shown: a layer-skip draft with the layers it leaves out."""
+    if draft is None:
+        return "—"
+    if skip:
+        shown = ", ".join(str(i) for i in skip[:12]) + (", …" if len(skip) > 12 else "")
+        return f"{draft} (skips layers {shown})"
+    return draft
+
+
+def not_lossless(run: Run) -> dict[tuple[str, str], list[str]]:
+    """(target, draft) -> reasons its speculative output differs from the target's own."""
+    out = defaultdict(list)
+    for c in run.spec:
+        if c.mode == "greedy" and c.lossless is False:
+            ids = c.lossless_mismatches
+            what = f"greedy output differs from target-only at γ={c.gamma}"
+            if c.draft_length != "fixed":
+                what += f" ({c.draft_length} draft length)"
+            if run.multi_suite():
+                what += f" on suite {c.suite}"
+            if ids:
+                what += f" ({len(ids)} prompt(s): {', '.join(ids[:5])})"
+            out[(c.target, text(c.draft))].append(what)
+    for t in run.task_lossless:
+        if t.equal is False:
+            out[(t.target, t.draft)].append(
+                f"task {text(t.task)}: accuracy {fmt(t.accuracy_plain, 3)} plain "
+                f"vs {fmt(t.accuracy_speculative, 3)} speculative"
+            )
+        elif t.outputs_identical is False:
+            docs = t.mismatched_docs
+            out[(t.target, t.draft)].append(
+                f"task {text(t.task)}: generated answers differ"
+                + (f" on {len(docs)} document(s)" if docs else "")
+            )
+    return dict(out)
 
 
 def _of(records: list[Record], cls: type) -> list:

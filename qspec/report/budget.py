@@ -17,14 +17,11 @@ Older runs without these fields fall back to the point comparison, labelled as s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from qspec.records import QualityRecord, TaskRecord
 from qspec.report.format import interval
 from qspec.stats import paired_delta
-
-if TYPE_CHECKING:
-    from qspec.report.analysis import Run
 
 PASS, FAIL, INCONCLUSIVE, UNKNOWN = "pass", "fail", "inconclusive", "unknown"
 PPL_TEST = (
@@ -44,6 +41,15 @@ class Budget:
 
     max_ppl_increase_pct: float = 5.0
     max_accuracy_drop_points: float = 2.0
+
+
+class Run(Protocol):
+    """What the budget reads of a run (analysis.Run has it): no import back up to it."""
+
+    budget: Budget
+    reference: str | None
+    quality: list[QualityRecord]
+    tasks: list[TaskRecord]
 
 
 @dataclass

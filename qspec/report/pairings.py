@@ -1,6 +1,6 @@
 """Serving options: the speculative pairings (target, draft, γ, draft length, mode) of all
 suites taken together and each target decoding alone, the units the verdict ranks by absolute
-tokens/s per mode; and the pairings whose output is not the target's own."""
+tokens/s per mode."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from qspec.records import Kind
+from qspec.report.analysis import Run, draft_name
 from qspec.report.budget import FAIL, VariantQuality, variant_quality
-from qspec.report.format import fmt, interval, text
+from qspec.report.format import interval, text
 
 if TYPE_CHECKING:
     from qspec.records import GenerationRecord
-    from qspec.report.analysis import Run
 
 
 @dataclass
@@ -84,45 +84,6 @@ class Pairing:
 def geomean(xs: list[float | None]) -> float | None:
     xs = [x for x in xs if x is not None and x > 0]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
-
-
-def draft_name(draft: str | None, skip: list[int] | None) -> str:
-    """A draft as shown: a layer-skip draft with the layers it leaves out."""
-    if draft is None:
-        return "—"
-    if skip:
-        shown = ", ".join(str(i) for i in skip[:12]) + (", …" if len(skip) > 12 else "")
-        return f"{draft} (skips layers {shown})"
-    return draft
-
-
-def not_lossless(run: Run) -> dict[tuple[str, str], list[str]]:
-    """(target, draft) -> reasons its speculative output differs from the target's own."""
-    out = defaultdict(list)
-    for c in run.spec:
-        if c.mode == "greedy" and c.lossless is False:
-            ids = c.lossless_mismatches
-            what = f"greedy output differs from target-only at γ={c.gamma}"
-            if c.draft_length != "fixed":
-                what += f" ({c.draft_length} draft length)"
-            if run.multi_suite():
-                what += f" on suite {c.suite}"
-            if ids:
-                what += f" ({len(ids)} prompt(s): {', '.join(ids[:5])})"
-            out[(c.target, text(c.draft))].append(what)
-    for t in run.task_lossless:
-        if t.equal is False:
-            out[(t.target, t.draft)].append(
-                f"task {text(t.task)}: accuracy {fmt(t.accuracy_plain, 3)} plain "
-                f"vs {fmt(t.accuracy_speculative, 3)} speculative"
-            )
-        elif t.outputs_identical is False:
-            docs = t.mismatched_docs
-            out[(t.target, t.draft)].append(
-                f"task {text(t.task)}: generated answers differ"
-                + (f" on {len(docs)} document(s)" if docs else "")
-            )
-    return dict(out)
 
 
 def pairings(run: Run) -> list[Pairing]:

@@ -262,6 +262,7 @@ def _predicted(ctx, r, prompts, rec: GenerationRecord) -> dict:
                 p.max_new_tokens,
                 c.draft_length,
                 ctx.cfg.confidence_threshold,
+                capacity=r.capacity,  # a quantized draft's numbers depend on the cache's size
             )
     b = torch.cat(betas) if betas else torch.empty(0)
     if b.numel() == 0:

@@ -59,6 +59,7 @@ class CellRun:
     compile_error: str | None = None
     own_weights: int = 0
     draft_skip: list[int] | None = None  # the layers a layer-skip draft leaves out
+    capacity: int = 0  # the KV caches' size in positions, the same for every prompt of the cell
 
 
 def generation_stage(ctx: RunContext, progress) -> Iterator[GenerationRecord]:
@@ -162,6 +163,7 @@ def _engine_runner(ctx: RunContext, r: CellRun, target, drafter, prompts):
     # one cache size for every prompt, the warm-up included: compiled shapes never change
     widest = max_drafts(cell.draft_length, cell.gamma)
     capacity = max(p.ids.numel() + p.max_new_tokens for p in prompts) + widest + 1
+    r.capacity = capacity
     run = dict(
         drafter=drafter,
         gamma=cell.gamma,

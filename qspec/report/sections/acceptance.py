@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from qspec import plots
 from qspec.records import GenerationRecord
-from qspec.report.analysis import Run, pos
-from qspec.report.pairings import draft_name
+from qspec.report.analysis import Run, draft_name, pos
 from qspec.report.sections import adaptive, alpha, sweep
 
 MAX_GAMMA_COLUMNS = 64  # a nonsense gamma must not blow up the tables

@@ -5,9 +5,8 @@ tokens/s had every step drafted exactly what it would accept)."""
 from __future__ import annotations
 
 from qspec.records import GenerationRecord
-from qspec.report.analysis import Run
+from qspec.report.analysis import Run, draft_name
 from qspec.report.format import text
-from qspec.report.pairings import draft_name
 
 LENGTHS = ("fixed", "confidence", "heuristic")
 

@@ -7,9 +7,8 @@ import math
 
 from qspec import plots
 from qspec.records import GenerationRecord, Kind
-from qspec.report.analysis import Run, pos
+from qspec.report.analysis import Run, draft_name, pos
 from qspec.report.format import fmt, text
-from qspec.report.pairings import draft_name
 
 Grid = dict[tuple[str, str], GenerationRecord]
 
