@@ -44,7 +44,7 @@ def run_jobs(ctx: RunContext, calibration: list[str], progress, started) -> Iter
     the executor's description (for run.json) once the cluster is up."""
     import ray
 
-    started_here = _connect(ctx.cfg.ray)
+    connected = _connect(ctx.cfg.ray)
     try:
         ctx.concurrency = describe_cluster(ctx)
         started(executor_info(ctx))
@@ -56,7 +56,7 @@ def run_jobs(ctx: RunContext, calibration: list[str], progress, started) -> Iter
                 yield rec
             yield from _run(ctx, rest, calibration, advance)
     finally:
-        if started_here:
+        if connected:
             ray.shutdown()
 
 
@@ -95,7 +95,8 @@ def describe_cluster(ctx: RunContext) -> str:
 
 
 def _connect(settings) -> bool:
-    """Join the configured cluster, or start a local one; True when it was started here."""
+    """Join the configured cluster, or start a local one; True when this run connected (and
+    so disconnects at the end, which stops a cluster it started)."""
     import ray
 
     if ray.is_initialized():
@@ -106,6 +107,8 @@ def _connect(settings) -> bool:
         env = {k: os.environ[k] for k in ENV_VARS if k in os.environ}
         ray.init(address=address, runtime_env={"env_vars": env}, **common)
         return True  # shutdown() only disconnects from a cluster qspec did not start
+    # Ray starts workers at niceness 15, behind its own daemons: these workers are timing cells
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=settings.num_cpus or os.cpu_count(), **common)
     return True
 
@@ -146,7 +149,8 @@ def _run(ctx: RunContext, todo: list[Job], calibration: list[str], advance) -> I
                 inbox.put((job, ray.get(ref)))
             inbox.put((job, None))
         except Exception as err:  # noqa: BLE001 - a dead worker, a fault in the job
-            inbox.put((job, f"{job.label()}: worker died: {type(err).__name__}: {err}"[:2000]))
+            what = "worker died" if isinstance(err, _deaths()) else "job failed"
+            inbox.put((job, f"{job.label()}: {what}: {type(err).__name__}: {err}"[:2000]))
 
     for job in todo:
         threading.Thread(target=follow, args=(job,), daemon=True).start()
@@ -167,6 +171,14 @@ def _run(ctx: RunContext, todo: list[Job], calibration: list[str], advance) -> I
         if item is not None:
             log.warning(item)
             yield from _lost(ctx, job, written[job], item)
+
+
+def _deaths() -> tuple[type, ...]:
+    """Ray's errors for a worker process (or its node) that is gone, killed or out of memory."""
+    from ray import exceptions as e
+
+    names = ("WorkerCrashedError", "OutOfMemoryError", "NodeDiedError", "ActorDiedError")
+    return tuple(getattr(e, n) for n in names if hasattr(e, n))
 
 
 def _lost(ctx: RunContext, job: Job, written: set[str], reason: str) -> list[Record]:
@@ -218,6 +230,17 @@ def work_in_worker(
         invariance=invariance,
         concurrency=concurrency,
     )
+    if job.stage == "generation":
+        from qspec.memory import peak_bytes, restart_process_peak
+        from qspec.stages.generation import build_group_models
+
+        runtime = peak_bytes(dev)[0]  # the Python, torch and library runtime, no model yet
+        build_group_models(ctx, job.target)
+        note = (
+            f", from when its models were built (builds excluded; the runtime of "
+            f"{runtime / 2**20:.0f} MiB before any model loaded included)"
+        )
+        restart_process_peak(dev, note)
     for rec in STAGES[job.stage](ctx, Progress(quiet=True)):
         yield rec.dump()
 

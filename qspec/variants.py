@@ -6,6 +6,7 @@ machine raises VariantUnavailable with the reason; the runner records it and goe
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
@@ -159,7 +160,31 @@ def build(precision: str, ctx: BuildContext) -> torch.nn.Module:
         logging.getLogger("qspec").warning(
             "fp16 on CPU is ~3x slower than fp32; timings are not representative"
         )
-    return PRECISIONS[precision](ctx)
+    model = PRECISIONS[precision](ctx)
+    if precision not in AS_STORED:
+        own_storage(model)
+    return model
+
+
+# Loaded as the checkpoint stores them: their weights may stay memory-mapped from it.
+AS_STORED = ("fp32", "bf16", "fp16")
+
+
+@torch.no_grad()
+def own_storage(model: torch.nn.Module) -> None:
+    """Copy a quantized model's unquantized tensors (embeddings, norms, biases) out of the
+    source checkpoint's memory map. While one of them points into it, the whole mapping
+    stays alive, and every page read while quantizing stays resident: SmolLM2-135M nf4
+    held 917 MiB resident after its build, 604 MiB after this."""
+    seen: set[int] = set()
+    for module in model.modules():
+        tensors = list(module.named_parameters(recurse=False))
+        tensors += list(module.named_buffers(recurse=False))
+        for _, t in tensors:
+            if t.is_floating_point() and id(t) not in seen:
+                seen.add(id(t))
+                t.data = t.data.clone()
+    gc.collect()
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

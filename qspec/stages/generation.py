@@ -90,6 +90,16 @@ def generation_stage(ctx: RunContext, progress) -> Iterator[GenerationRecord]:
             yield from measure_group(ctx, todo, keys, prompts.get(suite, []), advance)
 
 
+def build_group_models(ctx: RunContext, target: str) -> None:
+    """Build a target variant and every draft variant its cells use, before any is measured
+    (a worker of one group does this first, so its measured peak excludes the builds)."""
+    ctx.models.build("target", target)
+    for name in ctx.cfg.draft.precisions:
+        variant = draft_variant(name)
+        if variant is not None:
+            ctx.models.build("draft", variant)
+
+
 def measure_group(ctx: RunContext, cells: list[Cell], keys, prompts, advance):
     runs = [CellRun(c, keys[c]) for c in cells]
     for r in runs:
