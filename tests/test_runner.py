@@ -224,3 +224,25 @@ def test_resume_measures_only_what_is_not_finished(tmp_path, tiny_model_dir):
     assert [r["status"] for r in again] == ["failed", "ok"]
     # the re-measured cell still found its (stored, not re-measured) baseline
     assert again[-1]["speedup"] > 0 and again[-1]["lossless"] is True
+
+
+def test_confidence_cells_are_predicted_but_not_judged_against_the_prediction(
+    tmp_path, tiny_model_dir
+):
+    """Confidence stopping tests only the drafts the draft was sure of: its measured alpha is
+    not what the every-position prediction estimates, so no agreement verdict is given."""
+    cfg = write_config(
+        tmp_path / "c.toml",
+        tiny_model_dir,
+        modes='["greedy"]',
+        baselines='["target_only"]',
+        draft_lengths='["fixed", "confidence"]',
+        _target='precisions = ["fp32"]',
+        _draft='precisions = ["nf4"]',
+    )
+    out = tmp_path / "run"
+    assert main(["evaluate", "--config", cfg, "--out", str(out), "--quiet"]) == 0
+    spec = {r["draft_length"]: r for r in records(out) if r["kind"] == "speculative"}
+    assert spec["fixed"]["alpha_agrees"] in (True, False)
+    assert spec["confidence"]["alpha_predicted"] is not None
+    assert spec["confidence"]["alpha_agrees"] is None
