@@ -80,11 +80,9 @@ def _release_free_heap() -> None:
 def process_peak(device: torch.device) -> tuple[int, str]:
     """(bytes, what was measured): this process's peak since restart_process_peak, with every
     per-generation reset in between included."""
-    now, _ = peak_bytes(device)
+    peak = max(peak_bytes(device)[0], _high_water)
     what = "CUDA allocator peak" if device.type == "cuda" else "peak RSS"
-    return max(
-        now, _high_water
-    ), f"{what} of the worker process that ran only this cell group{_peak_note}"
+    return peak, f"{what} of the worker process that ran only this cell group{_peak_note}"
 
 
 def cell_measure(device: torch.device) -> str:

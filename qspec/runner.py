@@ -87,8 +87,7 @@ def _records(ctx: RunContext, calibration, progress, info: RunInfo, out: Path):
 
     def started(executor: dict) -> None:
         info.executor = executor
-        if ctx.concurrency:
-            info.hardware_label = f"{info.hardware_label}; {ctx.concurrency}"
+        info.hardware_label = ctx.hardware_label
         store.write_json(out / "run.json", info.model_dump())
 
     if ctx.cfg.executor == "ray":

@@ -13,7 +13,6 @@ import math
 
 import torch
 
-from qspec.environment import describe
 from qspec.memory import cell_measure, process_peak
 from qspec.metrics import (
     acceptance,
@@ -82,7 +81,7 @@ def bare_record(ctx, r, status: str, error: str | None) -> GenerationRecord:
         mode=c.mode,
         draft_length=c.draft_length,
         reference=ctx.reference,
-        hardware=describe(ctx.device) + (f"; {ctx.concurrency}" if ctx.concurrency else ""),
+        hardware=ctx.hardware_label,
         status=status,
         error=error,
     )

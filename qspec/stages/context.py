@@ -18,7 +18,7 @@ import torch
 
 from qspec.config import RunConfig
 from qspec.drafters import MODEL_FREE_DRAFTERS, ModelDrafter, check_same_tokenizer
-from qspec.environment import versions
+from qspec.environment import describe, versions
 from qspec.layerskip import LayerSkip, decoder_layers, middle_layers, search_skip
 from qspec.models import ResolvedModel, resolve
 from qspec.plan import Cell, Finished
@@ -176,6 +176,12 @@ class RunContext:
     @property
     def reference(self) -> str:
         return reference_precision(self.cfg.target.precisions, self.device.type)
+
+    @property
+    def hardware_label(self) -> str:
+        """What every figure was measured on, with what it shared the machine with."""
+        label = describe(self.device)
+        return f"{label}; {self.concurrency}" if self.concurrency else label
 
     @property
     def versions(self) -> dict:
