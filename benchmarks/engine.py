@@ -30,19 +30,19 @@ import time
 import torch
 
 from qspec import cache
-from qspec.baselines import hf_assisted, hf_generate
-from qspec.drafters import MODEL_FREE_DRAFTERS, ModelDrafter
-from qspec.engine import generate, sync
+from qspec.backends.transformers_peer import hf_assisted, hf_generate
+from qspec.engine.drafters import MODEL_FREE_DRAFTERS, ModelDrafter
+from qspec.engine.loop import generate, sync
+from qspec.engine.sampling import sampler_for
 from qspec.environment import describe, pick_device
-from qspec.metrics import acceptance
-from qspec.models import resolve
+from qspec.measure.acceptance import acceptance
+from qspec.measure.roofline import copy_bandwidth, roofline
+from qspec.models.builders import BuildContext, build, weight_bytes
+from qspec.models.refs import resolve
 from qspec.plan import spread
-from qspec.prompts import prompt_ids, stop_ids
-from qspec.roofline import copy_bandwidth, roofline
 from qspec.runner import calibration_texts
-from qspec.sampling import sampler_for
-from qspec.suites import load_suite
-from qspec.variants import BuildContext, build, weight_bytes
+from qspec.suites.discovery import load_suite
+from qspec.suites.encoding import prompt_ids, stop_ids
 
 
 class ForwardTimer:

@@ -9,8 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qspec.models import DEFAULT_MODEL
-from qspec.precisions import PRECISION_NAMES, check_drafter
+from qspec.models.precisions import PRECISION_NAMES, check_drafter
+from qspec.models.refs import DEFAULT_MODEL
 
 MAX_GAMMA = 16
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qspec.config import RunConfig
+from qspec.models.precisions import draft_variant
 from qspec.plan import Finished, key_of_cell, key_of_record, key_of_stage, key_of_variant, plan
-from qspec.precisions import draft_variant
 from qspec.records import (
     GenerationRecord,
     Kind,

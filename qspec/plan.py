@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from qspec.config import RunConfig
-from qspec.precisions import MODEL_FREE_DRAFTER_NAMES, reference_precision
+from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, reference_precision
 from qspec.records import Kind, Record
 from qspec.store import cell_key
 

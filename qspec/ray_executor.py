@@ -231,7 +231,7 @@ def work_in_worker(
         concurrency=concurrency,
     )
     if job.stage == "generation":
-        from qspec.memory import peak_bytes, restart_process_peak
+        from qspec.measure.memory import peak_bytes, restart_process_peak
         from qspec.stages.generation import build_group_models
 
         runtime = peak_bytes(dev)[0]  # the Python, torch and library runtime, no model yet

@@ -15,10 +15,10 @@ import torch
 from qspec import store
 from qspec.config import RunConfig, resolve_defaults
 from qspec.environment import describe, hardware, pick_device, quiet_transformers, versions
+from qspec.measure.roofline import copy_bandwidth
 from qspec.plan import Cell, Finished
 from qspec.progress import Progress
 from qspec.records import Record, RunInfo, parse
-from qspec.roofline import copy_bandwidth
 from qspec.stages import STAGES
 from qspec.stages.context import Models, RunContext
 

@@ -46,7 +46,7 @@ def draft_model():
 @pytest.fixture(scope="session")
 def default_model_dir():
     """The real SmolLM2-135M-Instruct, converted once from the packaged GGUF into the cache."""
-    from qspec.models import gguf_path, resolve
+    from qspec.models.refs import gguf_path, resolve
 
     try:
         gguf_path()
@@ -107,7 +107,7 @@ def write_config(path, model_dir, **overrides) -> str:
 def greedy_fp32_run(tmp_path, model_dir):
     """A loaded config and its suites for a small fp32-target, greedy, target-only-baseline run."""
     from qspec.config import load_config
-    from qspec.suites import load_suite
+    from qspec.suites.discovery import load_suite
 
     cfg = load_config(
         write_config(

@@ -149,7 +149,7 @@ def test_random_model_of_the_benchmark_is_a_cache_entry(tmp_path, monkeypatch, c
 
 def test_gptq_build_is_atomic_and_a_half_written_entry_is_rebuilt(tmp_path, monkeypatch):
     """An interrupted GPTQ build leaves no entry; a pre-atomic half-written folder is not reused."""
-    from qspec import variants
+    from qspec.models import builders as variants
 
     class Saves:
         def __init__(self, fail: bool = False):
@@ -228,9 +228,11 @@ def test_cache_module_does_not_import_models():
     code = "import sys, qspec.cache; print(sorted(m for m in sys.modules if m.startswith('qspec')))"
     out = subprocess.run([sys.executable, "-c", code], **_text()).stdout
     assert out.strip() == "['qspec', 'qspec.cache']"
-    for name in ("models", "variants", "builtin_data"):
-        text = (ROOT / "qspec" / f"{name}.py").read_text()
-        assert "QSPEC_CACHE" not in text and "def cache_root" not in text, name
+    for path in (ROOT / "qspec").rglob("*.py"):
+        if path.name != "cache.py":
+            text = path.read_text()
+            assert "QSPEC_CACHE" not in text or "ENV_VARS" in text, path  # Ray passes it on
+            assert "def cache_root" not in text, path
 
 
 @pytest.mark.parametrize(
@@ -241,7 +243,7 @@ def test_gptq_group_size_divides_every_layer_input(tmp_path, hidden, intermediat
     """The CPU int4 kernel needs whole groups: SmolLM2-135M's width 576 takes 64, not 128."""
     from transformers import LlamaConfig
 
-    from qspec import variants
+    from qspec.models import builders as variants
 
     LlamaConfig(
         hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads

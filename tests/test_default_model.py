@@ -7,7 +7,7 @@ from conftest import write_config
 
 from qspec import store
 from qspec.cli import main
-from qspec.variants import BuildContext, build, weight_bytes
+from qspec.models.builders import BuildContext, build, weight_bytes
 
 pytestmark = pytest.mark.slow
 

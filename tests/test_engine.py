@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from qspec.drafters import ModelDrafter, NgramDrafter, check_same_tokenizer
-from qspec.engine import Step, generate
-from qspec.metrics import acceptance
-from qspec.sampling import sampler_for
+from qspec.engine.drafters import ModelDrafter, NgramDrafter, check_same_tokenizer
+from qspec.engine.loop import Step, generate
+from qspec.engine.sampling import sampler_for
+from qspec.measure.acceptance import acceptance
 
 PROMPT = torch.tensor([0, 5, 9, 12, 5, 9, 30, 7, 5, 9])
 
@@ -292,7 +292,7 @@ def test_the_draft_reads_the_prompt_before_the_first_step(target_model, draft_mo
 
 
 def test_heuristic_schedule_grows_after_full_accepts_and_shrinks_after_rejections():
-    from qspec.engine import next_budget
+    from qspec.engine.loop import next_budget
 
     assert next_budget("heuristic", 3, 3, 3, 3) == 5
     assert next_budget("heuristic", 5, 3, 5, 5) == 6  # capped at 2 * gamma
@@ -303,7 +303,7 @@ def test_heuristic_schedule_grows_after_full_accepts_and_shrinks_after_rejection
 
 @pytest.mark.parametrize("length", ["confidence", "heuristic"])
 def test_adaptive_draft_lengths_stay_lossless(target_model, draft_model, length):
-    from qspec.predict import replay_greedy
+    from qspec.measure.prediction import replay_greedy
 
     plain = generate(target_model, PROMPT, max_new_tokens=40)
     gen = generate(

@@ -41,7 +41,8 @@ def _wheel(tmp_path: Path) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "qspec", src / "qspec", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("qspec", "suites"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
     _run([*pip, "-w", str(tmp_path / "dist"), str(src)], cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("qspec-*.whl")
@@ -54,6 +55,10 @@ def test_installed_wheel_ships_and_finds_the_builtin_suites(tmp_path):
     wheel = _wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"qspec/builtin_suites/{f}" for f in SUITE_FILES} <= names
+    packages = {
+        p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "qspec").rglob("__init__.py")
+    }
+    assert {f"{p}/__init__.py" for p in packages} <= names, "a package missing from pyproject.toml"
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from qspec.engine import generate
-from qspec.invariance import batch_invariance, divergence, first_mismatch
+from qspec.engine.loop import generate
+from qspec.measure.invariance import batch_invariance, divergence, first_mismatch
 
 
 def _ids(n: int, vocab: int = 64, seed: int = 0) -> torch.Tensor:
@@ -78,9 +78,9 @@ def test_default_model_variants(default_model_dir):
     and int8-t0 generates."""
     from transformers import AutoTokenizer
 
-    from qspec.quality import tokenize_corpus
-    from qspec.suites import load_suite
-    from qspec.variants import BuildContext, build
+    from qspec.measure.teacher_forced import tokenize_corpus
+    from qspec.models.builders import BuildContext, build
+    from qspec.suites.discovery import load_suite
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     ids = torch.tensor(tokenize_corpus(tok, load_suite("default").corpus(), 160)[0])

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from qspec.drafters import ModelDrafter
-from qspec.engine import generate
-from qspec.layerskip import LayerSkip, middle_layers, search_skip
-from qspec.metrics import acceptance
+from qspec.engine.drafters import ModelDrafter
+from qspec.engine.layerskip import LayerSkip, middle_layers, search_skip
+from qspec.engine.loop import generate
+from qspec.measure.acceptance import acceptance
 
 PROMPT = torch.tensor([3, 7, 11, 5, 2, 9, 4, 8, 6, 10])
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from qspec.compare import against_baseline
 from qspec.config import parse_config
 from qspec.plan import Cell, Finished, key_of_cell, key_of_stage, plan, spread
 from qspec.records import GenerationRecord, Kind, Output, QualityRecord, TaskRecord, parse
@@ -128,22 +127,6 @@ def test_resume_skips_ok_and_unavailable_records_only():
     assert done.stage("T") and not done.stage("U") and not done.stage("V")
 
 
-def test_baseline_comparison_gives_speedup_and_greedy_losslessness():
-    base = rec(kind=Kind.TARGET_ONLY, tokens_per_s=4.0, outputs=[("p1", [1, 2]), ("p2", [3])])
-    same = rec(tokens_per_s=6.0, outputs=[("p1", [1, 2]), ("p2", [3])])
-    assert against_baseline(same, base) == {
-        "speedup": 1.5,
-        "lossless": True,
-        "lossless_mismatches": [],
-    }
-    diff = rec(tokens_per_s=2.0, outputs=[("p1", [1, 2]), ("p2", [4])])
-    assert against_baseline(diff, base)["lossless_mismatches"] == ["p2"]
-    sampled = rec(mode="sample", tokens_per_s=2.0, outputs=[("p1", [9])])
-    assert against_baseline(sampled, base) == {"speedup": 0.5}
-    assert against_baseline(same, None) == {}
-    assert against_baseline(same, rec(kind=Kind.TARGET_ONLY, status="failed")) == {}
-
-
 def test_writers_cannot_invent_field_names():
     with pytest.raises(ValidationError):
         QualityRecord(suite="s", kl_se=0.1)  # the old second name of kl_mean_se
@@ -166,7 +149,7 @@ def test_plan_and_records_do_not_import_torch():
     import subprocess
 
     code = (
-        "import sys, qspec.plan, qspec.records, qspec.config, qspec.compare;"
+        "import sys, qspec.plan, qspec.records, qspec.config, qspec.jobs, qspec.report;"
         "qspec.config.load_config(None); assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,9 +11,9 @@ import torch
 from scipy import stats as sp
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qspec.quality import quality_pass, tokenize_corpus, windows_for
+from qspec.engine.sampling import Sampler
+from qspec.measure.teacher_forced import quality_pass, tokenize_corpus, windows_for
 from qspec.records import QualityRecord
-from qspec.sampling import Sampler
 
 SAMPLE = Sampler(greedy=False, temperature=0.8, top_k=20, top_p=0.9)
 
@@ -219,8 +219,8 @@ def test_real_model_int8_closer_than_nf4():
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    import qspec.config  # noqa: F401  (before qspec.models: config -> variants -> models cycle)
-    from qspec.models import resolve
+    import qspec.config  # noqa: F401  (before qspec.models.refs: config -> variants -> models cycle)
+    from qspec.models.refs import resolve
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     path = resolve("smollm2-135m-instruct").location

@@ -15,7 +15,7 @@ from conftest import write_config
 from qspec import store
 from qspec.config import load_config
 from qspec.runner import run_evaluation
-from qspec.suites import load_suite
+from qspec.suites.discovery import load_suite
 
 pytest.importorskip("ray")
 

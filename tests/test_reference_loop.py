@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from qspec.drafters import ModelDrafter, NgramDrafter
-from qspec.engine import generate
-from qspec.sampling import GREEDY
+from qspec.engine.drafters import ModelDrafter, NgramDrafter
+from qspec.engine.loop import generate
+from qspec.engine.sampling import GREEDY
 
 Propose = Callable[[list[int], int], list[int]]
 
@@ -234,9 +234,9 @@ NF4_BF16_REASON = (
 def real(default_model_dir):
     from transformers import AutoTokenizer
 
-    from qspec.prompts import prompt_ids, stop_ids
-    from qspec.suites import load_suite
-    from qspec.variants import BuildContext, build
+    from qspec.models.builders import BuildContext, build
+    from qspec.suites.discovery import load_suite
+    from qspec.suites.encoding import prompt_ids, stop_ids
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     suite = {p.id: p for p in load_suite("default").prompts}

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from qspec import plots
-from qspec.report import Budget, summary_text, write_report
+from qspec.report import Budget, plots, summary_text, write_report
 
 DATA = Path(__file__).parent / "data" / "results-small"
 SECTIONS = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qspec.config import RunConfig, resolve_defaults
-from qspec.roofline import copy_bandwidth, roofline
+from qspec.measure.roofline import copy_bandwidth, roofline
 
 
 def test_copy_bandwidth_is_measured_on_the_device():

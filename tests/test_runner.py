@@ -168,7 +168,7 @@ def test_a_model_torch_compile_cannot_handle_is_measured_eagerly(
     tmp_path, tiny_model_dir, monkeypatch
 ):
     """compile = true must never lose a cell: the failure is recorded and timing goes on eagerly."""
-    import qspec.kv
+    import qspec.engine.kv
 
     def broken(model):
         def step(*args, **kwargs):
@@ -176,7 +176,7 @@ def test_a_model_torch_compile_cannot_handle_is_measured_eagerly(
 
         return step
 
-    monkeypatch.setattr(qspec.kv, "compiled_step", broken)
+    monkeypatch.setattr(qspec.engine.kv, "compiled_step", broken)
     cfg = write_config(
         tmp_path / "c.toml",
         tiny_model_dir,

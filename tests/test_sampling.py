@@ -12,9 +12,9 @@ import torch
 from conftest import tiny_llama
 from scipy.stats import chisquare
 
-from qspec.drafters import ModelDrafter, NgramDrafter
-from qspec.engine import generate
-from qspec.sampling import Sampler, sampler_for
+from qspec.engine.drafters import ModelDrafter, NgramDrafter
+from qspec.engine.loop import generate
+from qspec.engine.sampling import Sampler, sampler_for
 
 VOCAB = 6
 PROMPT = torch.tensor([0, 3, 2, 4])

@@ -1,4 +1,4 @@
-"""qspec.stats against scipy (a test dependency only) and hand-computed values."""
+"""qspec.measure.stats against scipy (a test dependency only) and hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy import stats as sp
 
-from qspec.stats import mean_se, paired_delta, ratio_interval, t975, t_interval, wilson
+from qspec.measure.stats import mean_se, paired_delta, ratio_interval, t975, t_interval, wilson
 
 
 def test_wilson_known_values():

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qspec import builtin_data, cache
-from qspec.suites import (
+from qspec import cache
+from qspec.suites import python_docs as builtin_data
+from qspec.suites.discovery import (
     Prompt,
     Suite,
     SuiteError,
@@ -19,7 +20,7 @@ from qspec.suites import (
     list_suites,
     load_suite,
 )
-from qspec.task_yaml import materialize_task_yaml
+from qspec.suites.task_yaml import materialize_task_yaml
 
 
 @pytest.fixture(autouse=True)
@@ -128,12 +129,13 @@ def test_default_task_files_are_one_atomic_cache_entry():
     assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]  # no temp folders
 
 
-def test_builtin_suites_are_package_data():
-    """Inside the qspec package (so a wheel ships them), not in a folder beside it."""
+def test_builtin_suites_live_in_the_top_level_suites_folder():
+    """A checkout finds them in suites/ at the top level (a wheel ships the same folder as
+    qspec/builtin_suites: test_install.py proves that)."""
     import qspec
 
     folder = builtin_suites_dir()
-    assert folder.parent == Path(qspec.__file__).resolve().parent
+    assert folder == Path(qspec.__file__).resolve().parents[1] / "suites"
     found = discover_suites()
     for name in ("default", "standard", "example-custom"):
         assert found[name] == (folder / name, "builtin")
@@ -347,7 +349,7 @@ def test_missing_prompts_file_and_task_file(tmp_path):
 
 def test_bad_callable(tmp_path):
     msg = error_for(
-        make_suite(tmp_path, toml='corpus = { callable = "qspec.builtin_data:nope" }\n')
+        make_suite(tmp_path, toml='corpus = { callable = "qspec.suites.python_docs:nope" }\n')
     )
     assert "suite.toml: corpus" in msg and "no attribute 'nope'" in msg
     msg = error_for(make_suite(tmp_path, "c2", toml='corpus = { callable = "nodots" }\n'))

@@ -17,12 +17,12 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from qspec import tasks as qtasks
-from qspec.drafters import ModelDrafter, NgramDrafter
+from qspec.engine.drafters import ModelDrafter, NgramDrafter
+from qspec.lmeval import harness as qtasks
+from qspec.lmeval.harness import hub_reachable, lossless_check, run_tasks, speculative_lm
+from qspec.measure.stats import paired_delta
 from qspec.records import TaskRecord
-from qspec.stats import paired_delta
-from qspec.suites import Suite, load_suite, load_suite_dir
-from qspec.tasks import hub_reachable, lossless_check, run_tasks, speculative_lm
+from qspec.suites.discovery import Suite, load_suite, load_suite_dir
 
 MC_TASK, GEN_TASK = "tiny_mc", "tiny_gen"
 
@@ -398,7 +398,7 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    code = "import sys, qspec.tasks; print('lm_eval' in sys.modules)"
+    code = "import sys, qspec.lmeval.harness; print('lm_eval' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from qspec.precisions import MODEL_FREE_DRAFTER_NAMES
+from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES
 from qspec.records import (
     GENERATION_KINDS,
     GenerationRecord,

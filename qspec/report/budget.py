@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from qspec.measure.stats import paired_delta
 from qspec.records import QualityRecord, TaskRecord
 from qspec.report.format import interval
-from qspec.stats import paired_delta
 
 PASS, FAIL, INCONCLUSIVE, UNKNOWN = "pass", "fail", "inconclusive", "unknown"
 PPL_TEST = (

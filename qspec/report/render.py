@@ -13,17 +13,17 @@ from qspec.report.analysis import Run
 from qspec.report.budget import Budget
 from qspec.report.format import FILTERS, text
 from qspec.report.sections import (
-    acceptance,
+    bandwidth,
+    batch_invariance,
     breakdown,
+    draft_acceptance,
     failures,
-    invariance,
-    latency,
     matrix,
     metadata,
     outputs,
     pareto,
     quality,
-    roofline,
+    response_times,
     verdict,
 )
 
@@ -34,11 +34,11 @@ SECTIONS = (
     ("verdict", "Verdict", verdict.build),
     ("matrix", "Pairing matrix", matrix.build),
     ("quality", "Quality vs reference", quality.build),
-    ("invariance", "Batch invariance", invariance.build),
+    ("invariance", "Batch invariance", batch_invariance.build),
     ("pareto", "Speed, memory and quality", pareto.build),
-    ("acceptance", "Acceptance", acceptance.build),
-    ("latency", "Latency", latency.build),
-    ("roofline", "Bandwidth roofline", roofline.build),
+    ("acceptance", "Acceptance", draft_acceptance.build),
+    ("latency", "Latency", response_times.build),
+    ("roofline", "Bandwidth roofline", bandwidth.build),
     ("breakdown", "Per suite and category", breakdown.build),
     ("definitions", "Definitions", None),
     ("metadata", "Run metadata", metadata.build),

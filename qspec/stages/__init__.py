@@ -1,10 +1,10 @@
 """The stages of a run, in the order the data flows (DESIGN.md): each is a function of a
 RunContext that yields typed records, which the runner writes."""
 
+from qspec.stages.accuracy import task_stage
 from qspec.stages.build import build_variants
 from qspec.stages.generation import generation_stage
-from qspec.stages.quality import quality_stage
-from qspec.stages.tasks import task_stage
+from qspec.stages.screen import quality_stage
 
 STAGES = {
     "variants": lambda ctx, progress: build_variants(ctx),

@@ -7,9 +7,9 @@ import logging
 import traceback
 from collections.abc import Iterator
 
+from qspec.measure.teacher_forced import tokenize_corpus
+from qspec.models.precisions import draft_variant
 from qspec.plan import key_of_variant
-from qspec.precisions import draft_variant
-from qspec.quality import tokenize_corpus
 from qspec.records import VariantRecord
 from qspec.stages.context import RunContext
 
@@ -73,7 +73,7 @@ def _invariance(ctx: RunContext, built, ids) -> dict | None:
         return None
     k = max(ctx.cfg.gammas) + 1
     try:
-        from qspec.invariance import batch_invariance
+        from qspec.measure.invariance import batch_invariance
 
         return batch_invariance(built.model, ids, k, max_positions=INVARIANCE_POSITIONS)
     except Exception as err:  # noqa: BLE001 - a missing figure never costs the variant

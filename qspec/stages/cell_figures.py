@@ -13,18 +13,18 @@ import math
 
 import torch
 
-from qspec.memory import cell_measure, process_peak
-from qspec.metrics import (
+from qspec.measure.acceptance import (
     acceptance,
     expected_acceptance_rate,
     expected_tau,
     latency,
     spread_of,
 )
-from qspec.predict import on_policy_beta, replay_greedy
+from qspec.measure.memory import cell_measure, process_peak
+from qspec.measure.prediction import on_policy_beta, replay_greedy
+from qspec.measure.roofline import roofline
+from qspec.measure.stats import ratio_interval
 from qspec.records import GenerationRecord, Kind
-from qspec.roofline import roofline
-from qspec.stats import ratio_interval
 
 log = logging.getLogger("qspec")
 
@@ -217,7 +217,7 @@ def _lossless(ctx, r, base, prompts) -> dict:
     mismatched = [t for t in _first_pass(r) if t.tokens != ref.get(t.prompt)]
     where = []
     try:  # a diagnosis that fails never costs the cell its figures
-        from qspec.invariance import divergence
+        from qspec.measure.invariance import divergence
 
         target = ctx.models.model("target", r.cell.target)
         for t in mismatched:

@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 
 from qspec.config import RunConfig
-from qspec.drafters import MODEL_FREE_DRAFTERS, ModelDrafter, check_same_tokenizer
+from qspec.engine.drafters import MODEL_FREE_DRAFTERS, ModelDrafter, check_same_tokenizer
+from qspec.engine.layerskip import LayerSkip, decoder_layers, middle_layers, search_skip
+from qspec.engine.sampling import Sampler, sampler_for
 from qspec.environment import describe, versions
-from qspec.layerskip import LayerSkip, decoder_layers, middle_layers, search_skip
-from qspec.models import ResolvedModel, resolve
+from qspec.models.builders import BuildContext, VariantUnavailable, build, weight_bytes
+from qspec.models.precisions import parse_skip, reference_precision
+from qspec.models.refs import ResolvedModel, resolve
 from qspec.plan import Cell, Finished
-from qspec.precisions import parse_skip, reference_precision
 from qspec.records import Status
-from qspec.sampling import Sampler, sampler_for
-from qspec.variants import BuildContext, VariantUnavailable, build, weight_bytes
 
 log = logging.getLogger("qspec")
 

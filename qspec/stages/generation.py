@@ -18,16 +18,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qspec.baselines import hf_assisted
-from qspec.engine import Generation, generate, max_drafts
-from qspec.layerskip import LayerSkip
-from qspec.memory import peak_bytes, reset_peak
+from qspec.backends.transformers_peer import hf_assisted
+from qspec.engine.layerskip import LayerSkip
+from qspec.engine.loop import Generation, generate, max_drafts
+from qspec.measure.memory import peak_bytes, reset_peak
+from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, draft_variant
 from qspec.plan import Cell, groups, key_of_cell, plan
-from qspec.precisions import MODEL_FREE_DRAFTER_NAMES, draft_variant
-from qspec.prompts import EncodedPrompt, encode_prompts, stop_ids
 from qspec.records import GenerationRecord, Kind
 from qspec.stages.cell_figures import bare_record, cell_record
 from qspec.stages.context import RunContext, Skip
+from qspec.suites.encoding import EncodedPrompt, encode_prompts, stop_ids
 
 log = logging.getLogger("qspec")
 

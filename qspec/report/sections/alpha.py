@@ -4,8 +4,8 @@ whether a cheap screen can stand in for a generation run."""
 
 from __future__ import annotations
 
-from qspec import plots
 from qspec.records import GenerationRecord, PairScreenRecord
+from qspec.report import plots
 from qspec.report.analysis import Run
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from qspec import plots
 from qspec.records import GenerationRecord, Kind
+from qspec.report import plots
 from qspec.report.analysis import Run, draft_name, pos
 from qspec.report.format import fmt, text
 

@@ -3,7 +3,7 @@ coloured by the target's perplexity increase, with the Pareto front of each pane
 
 from __future__ import annotations
 
-from qspec import plots
+from qspec.report import plots
 from qspec.report.analysis import Run
 
 MEASURES = (

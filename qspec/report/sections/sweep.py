@@ -3,8 +3,8 @@ pairing was measured at more than one γ (per suite and mode)."""
 
 from __future__ import annotations
 
-from qspec import plots
 from qspec.records import GenerationRecord
+from qspec.report import plots
 from qspec.report.analysis import Run, order
 from qspec.report.format import text
 from qspec.report.sections.alpha import corpus_prediction

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qspec import cache
-from qspec.precisions import FIDELITY, PRECISION_NAMES, reference_precision  # noqa: F401
+from qspec.models.precisions import FIDELITY, PRECISION_NAMES, reference_precision  # noqa: F401
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 

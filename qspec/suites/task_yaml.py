@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-from qspec.suite_files import SUITE_FILE, SuiteError, read_text, show
+from qspec.suites.files import SUITE_FILE, SuiteError, read_text, show
 
 
 def _yaml_loader():

@@ -9,7 +9,7 @@ cannot be reached they come back as "unavailable" records instead of an error. E
 runs in its own lm-eval call, so one broken task is recorded as "failed" and the rest run.
 
 `SpeculativeLM` is an HFLM whose generation runs qspec's own speculative loop
-(`qspec.engine.generate`), and `lossless_check` evaluates one generate_until task twice
+(`qspec.engine.loop.generate`), and `lossless_check` evaluates one generate_until task twice
 through it: target-only, then with a drafter. Greedy speculative decoding must not
 change a single generated string, so the accuracies must be equal.
 
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from qspec.prompts import stop_ids
-from qspec.sampling import GREEDY, Sampler, sampler_for
-from qspec.suites import Suite, SuiteError
-from qspec.task_yaml import materialize_task_yaml, task_config
+from qspec.engine.sampling import GREEDY, Sampler, sampler_for
+from qspec.suites.discovery import Suite, SuiteError
+from qspec.suites.encoding import stop_ids
+from qspec.suites.task_yaml import materialize_task_yaml, task_config
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def _speculative_class() -> type:
     if "speculative" in _CLASSES:
         return _CLASSES["speculative"]
 
-    from qspec.engine import generate
+    from qspec.engine.loop import generate
 
     class SpeculativeLM(_quiet_hflm_class()):
         """HFLM whose generate_until runs qspec's speculative loop (batch size 1).
@@ -405,7 +405,7 @@ def speculative_lm(
 
 
 def __getattr__(name: str):
-    if name == "SpeculativeLM":  # built on first use so `import qspec.tasks` stays light
+    if name == "SpeculativeLM":  # built on first use so `import qspec.lmeval.harness` stays light
         return _speculative_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -11,10 +11,10 @@ import logging
 import traceback
 from collections.abc import Iterator
 
-from qspec.metrics import expected_acceptance_rate, expected_tau
+from qspec.measure.acceptance import expected_acceptance_rate, expected_tau
+from qspec.measure.teacher_forced import quality_pass, tokenize_corpus
+from qspec.models.precisions import PRECISION_NAMES
 from qspec.plan import key_of_record, key_of_stage
-from qspec.precisions import PRECISION_NAMES
-from qspec.quality import quality_pass, tokenize_corpus
 from qspec.records import Kind, PairScreenRecord, PredictedAt, QualityRecord, Record
 from qspec.stages.context import RunContext, Skip
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from qspec.kv import new_kv
-from qspec.precisions import MODEL_FREE_DRAFTER_NAMES
-from qspec.sampling import Sampler
+from qspec.engine.kv import new_kv
+from qspec.engine.sampling import Sampler
+from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES
 
 
 @dataclass

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qspec.suite_files import SUITE_FILE, SuiteError, read_text, show
-from qspec.task_yaml import task_config
+from qspec.suites.files import SUITE_FILE, SuiteError, read_text, show
+from qspec.suites.task_yaml import task_config
 
 ENV_VAR = "QSPEC_SUITES_PATH"
 ENTRY_POINT_GROUP = "qspec.suites"
@@ -105,8 +105,12 @@ class SuiteSummary:
 
 
 def builtin_suites_dir() -> Path:
-    """The built-in suites: package data inside qspec, so an installed wheel has them too."""
-    return Path(__file__).resolve().parent / "builtin_suites"
+    """The built-in suites: the top-level suites/ folder, shipped in the wheel as the package
+    data qspec.builtin_suites (pyproject.toml maps one to the other)."""
+    spec = importlib.util.find_spec("qspec.builtin_suites")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))).resolve()
+    return Path(__file__).resolve().parents[2] / "suites"  # a checkout on sys.path, uninstalled
 
 
 def _resolve_callable(ref: object, where: str):

@@ -4,14 +4,14 @@ Greedy speculative output equals target-only output only if one k-token forward 
 verify step) picks the same argmax as k one-token forwards over the same positions (plain
 decoding). Quantized matmuls can break this: LLM.int8's outlier columns are chosen from
 every row of the batch, so a row's result depends on its neighbours. We measure it per
-variant, through the engine's own KV cache path (qspec.kv.new_kv), instead of assuming it.
+variant, through the engine's own KV cache path (qspec.engine.kv.new_kv), instead of assuming it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from qspec.kv import new_kv
+from qspec.engine.kv import new_kv
 
 PREFIX = 16  # tokens prefilled before the compared positions; identical in both paths
 

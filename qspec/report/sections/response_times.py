@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from qspec import plots
 from qspec.records import GenerationRecord, Kind
+from qspec.report import plots
 from qspec.report.analysis import Run, prompt_times
-from qspec.report.sections import compile as compile_
+from qspec.report.sections import compile_cost
 
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
 
@@ -22,7 +22,7 @@ def build(run: Run) -> dict:
         "rows": [{"c": c, "label": run.label(c)} for c in rows],
         "figures": _figures(run, rows),
         "caption": run.caption(rows),
-        "compile": compile_.build(run, rows),
+        "compile": compile_cost.build(run, rows),
         "group_peaks": next(
             (c.group_peak_memory_measure for c in rows if c.group_peak_memory_bytes), None
         ),

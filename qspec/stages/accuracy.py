@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from qspec.plan import key_of_record, key_of_stage
 from qspec.records import Kind, Record, TaskLosslessRecord, TaskRecord
 from qspec.stages.context import RunContext, Skip
-from qspec.task_yaml import task_config
+from qspec.suites.task_yaml import task_config
 
 
 def task_stage(ctx: RunContext, progress) -> Iterator[Record]:
@@ -27,7 +27,7 @@ def task_stage(ctx: RunContext, progress) -> Iterator[Record]:
 
 
 def _accuracy(ctx: RunContext, suite, precision: str, progress) -> Iterator[TaskRecord]:
-    from qspec.tasks import run_tasks
+    from qspec.lmeval.harness import run_tasks
 
     stage_key = key_of_stage(
         Kind.TASK, ctx.cfg, ctx.device.type, ctx.versions, suite=suite.name, variant=precision
@@ -61,7 +61,7 @@ def _accuracy(ctx: RunContext, suite, precision: str, progress) -> Iterator[Task
 
 
 def lossless_checks(ctx: RunContext, suite, progress) -> Iterator[TaskLosslessRecord]:
-    from qspec.tasks import lossless_check
+    from qspec.lmeval.harness import lossless_check
 
     cfg = ctx.cfg
     if cfg.tasks.lossless_check == "none":

@@ -3,8 +3,8 @@ and how many drafts each step accepted; then α predicted vs measured and the γ
 
 from __future__ import annotations
 
-from qspec import plots
 from qspec.records import GenerationRecord
+from qspec.report import plots
 from qspec.report.analysis import Run, draft_name, pos
 from qspec.report.sections import adaptive, alpha, sweep
 

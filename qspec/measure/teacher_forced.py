@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qspec.sampling import Sampler
-from qspec.stats import Z95, wilson
+from qspec.engine.sampling import Sampler
+from qspec.measure.stats import Z95, wilson
 
 ROW_CHUNK = 128  # positions per statistics chunk: bounds the float32 (rows, vocab) temporaries
 

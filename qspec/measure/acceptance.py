@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from qspec.stats import mean_se, wilson
+from qspec.measure.stats import mean_se, wilson
 
 
 def expected_tau(alpha: float, gamma: int) -> float:

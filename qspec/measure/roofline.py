@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from qspec.engine import sync
-from qspec.metrics import percentile
+from qspec.engine.loop import sync
+from qspec.measure.acceptance import percentile
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, samples: int = 7) -> dict:

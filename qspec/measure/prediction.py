@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from qspec.engine import Step, max_drafts, next_budget
-from qspec.sampling import GREEDY, Sampler
+from qspec.engine.loop import Step, max_drafts, next_budget
+from qspec.engine.sampling import GREEDY, Sampler
 
 
 def beta(p_logits: torch.Tensor, q_logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qspec.kv import new_kv
-from qspec.sampling import GREEDY, Sampler
+from qspec.engine.kv import new_kv
+from qspec.engine.sampling import GREEDY, Sampler
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from qspec.precisions import SkipName, parse_skip  # noqa: F401 - the names live there
+from qspec.models.precisions import SkipName, parse_skip  # noqa: F401 - the names live there
 
 
 def middle_layers(n_layers: int, fraction: float) -> tuple[int, ...]:
@@ -80,8 +80,8 @@ def _step_seconds(model, ids: torch.Tensor, width: int, repeats: int = 5) -> flo
     import statistics
     import time
 
-    from qspec.engine import sync
-    from qspec.kv import new_kv
+    from qspec.engine.kv import new_kv
+    from qspec.engine.loop import sync
 
     kv = new_kv(model, ids.numel() + width + 1)
     kv.forward(ids[:-width], last_only=True)
@@ -106,7 +106,7 @@ def search_skip(model, ids: torch.Tensor, gamma: int, max_skipped: int | None = 
     draft against the full model's (c); with v = a (gamma+1)-token verify / a one-token step,
     the predicted speedup is tau(alpha, gamma) / (gamma c + v). The best round wins.
     """
-    from qspec.metrics import expected_tau
+    from qspec.measure.acceptance import expected_tau
 
     n_layers = len(decoder_layers(model))
     max_skipped = n_layers // 2 if max_skipped is None else max_skipped

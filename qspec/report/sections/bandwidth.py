@@ -4,8 +4,8 @@ precision gets to the memory bound that speculation exploits."""
 
 from __future__ import annotations
 
-from qspec import plots
 from qspec.records import GenerationRecord, Kind
+from qspec.report import plots
 from qspec.report.analysis import Run, pos
 from qspec.report.format import num, text
 

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from qspec.engine import sync
-from qspec.sampling import Sampler
+from qspec.engine.loop import sync
+from qspec.engine.sampling import Sampler
 
 
 @torch.inference_mode()
