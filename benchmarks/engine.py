@@ -26,17 +26,22 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from qspec import cache
+from qspec.backends.interface import Timed
 from qspec.backends.transformers_peer import hf_assisted, hf_generate
+from qspec.engine.compiled import Compiled
+from qspec.engine.draft_length import DraftLength
 from qspec.engine.drafters import MODEL_FREE_DRAFTERS, ModelDrafter
 from qspec.engine.loop import generate, sync
 from qspec.engine.sampling import sampler_for
 from qspec.environment import describe, pick_device
-from qspec.measure.acceptance import acceptance
+from qspec.measure.acceptance import Acceptance
 from qspec.measure.roofline import copy_bandwidth, roofline
+from qspec.measure.speedup import PairedRatio
 from qspec.models.builders import BuildContext, build, weight_bytes
 from qspec.models.refs import resolve
 from qspec.plan import spread
@@ -129,112 +134,178 @@ def parse_args():
     return ap.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
+@dataclass
+class Bench:
+    """One pairing set up for timing: the models, the prompts and how they are run."""
+
+    args: argparse.Namespace
+    device: torch.device
+    compile: bool
+    tok: object
+    target: torch.nn.Module
+    draft_model: torch.nn.Module | None
+    prompts: list[torch.Tensor]
+    eos: frozenset[int]
+    capacity: int
+    timers: list[ForwardTimer]
+    compiled: dict = field(default_factory=dict)
+
+    def compiled_for(self, model):
+        """The caller's compile decision: one Compiled per model, reused by every generation."""
+        if not self.compile:
+            return None
+        return self.compiled.setdefault(model, Compiled(model))
+
+
+def setup(args) -> Bench:
     from transformers import AutoTokenizer
 
     device = pick_device(args.device)
     compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    bandwidth = copy_bandwidth(device)
     location = resolve(args.model).location
     if args.random:
-        location, args.model = (
-            random_model_dir(args.random, location),
-            f"random llama-{args.random}",
-        )
+        location = random_model_dir(args.random, location)
+        args.model = f"random llama-{args.random}"
     tok = AutoTokenizer.from_pretrained(location)
     suite = load_suite("default")
     # the run's calibration text (GPTQ), from the end of the default suite's corpus
     ctx = BuildContext(location, device.type, calibration_texts=calibration_texts([suite]))
     target = build(args.target, ctx)
-    eos = stop_ids(tok, target)  # the same stop tokens as the evaluation's cells
     draft_model = None
     if args.draft not in MODEL_FREE_DRAFTERS:
         draft_model = target if args.draft == args.target else build(args.draft, ctx)
     prompts = [
         torch.tensor(prompt_ids(tok, p), device=device) for p in spread(suite.prompts, args.prompts)
     ]
-    sampler = sampler_for(args.mode, temperature=1.0)
     # Hooks inside a compiled graph would break it, so compiled runs report no overhead.
     timers = [] if compile else [ForwardTimer(target, device)]
     if not compile and draft_model is not None and draft_model is not target:
         timers.append(ForwardTimer(draft_model, device))
     capacity = max(p.numel() for p in prompts) + args.max_new_tokens + max(args.gammas) + 1
+    eos = stop_ids(tok, target)  # the same stop tokens as the evaluation's cells
+    return Bench(args, device, compile, tok, target, draft_model, prompts, eos, capacity, timers)
 
-    def new_drafter():
-        if draft_model is None:
-            return MODEL_FREE_DRAFTERS[args.draft]()
-        return ModelDrafter(draft_model)
 
-    def qspec_run(gamma):
-        def fn(p, n, seed=0):
-            return generate(
-                target,
-                p,
-                drafter=new_drafter() if gamma else None,
-                gamma=gamma,
-                sampler=sampler,
-                max_new_tokens=n,
-                eos_ids=eos,
-                generator=torch.Generator(device).manual_seed(seed),
-                compile=compile,
-                capacity=capacity,
-            )
+def qspec_run(b: Bench, gamma: int):
+    sampler = sampler_for(b.args.mode, temperature=1.0)
 
-        return fn
+    def fn(p, n, seed=0):
+        drafter = None
+        if gamma and b.draft_model is None:
+            drafter = MODEL_FREE_DRAFTERS[b.args.draft]()
+        elif gamma:
+            drafter = ModelDrafter(b.draft_model, compiled=b.compiled_for(b.draft_model))
+        return generate(
+            b.target,
+            p,
+            drafter=drafter,
+            length=DraftLength(gamma=gamma),
+            sampler=sampler,
+            max_new_tokens=n,
+            eos_ids=b.eos,
+            generator=torch.Generator(b.device).manual_seed(seed),
+            compiled=b.compiled_for(b.target),
+            capacity=b.capacity,
+        )
 
-    def hf_run(gamma):
-        def fn(p, n, seed=0):
-            run = dict(
-                sampler=sampler, max_new_tokens=n, eos_ids=eos, seed=seed, pad_id=tok.eos_token_id
-            )
-            if gamma == 0:
-                return hf_generate(target, p, **run)
-            return hf_assisted(target, p, draft_model=draft_model, gamma=gamma, **run)
+    return fn
 
-        return fn
 
-    def compare(gamma):
-        """Alternate qspec and transformers prompt by prompt; returns (qspec gens, tok/s, hf tok/s, compile s)."""
-        ours, theirs = qspec_run(gamma), hf_run(gamma)
-        t = time.perf_counter()
-        ours(prompts[0], 8)  # warm-up (and compilation), not counted
-        compile_s = time.perf_counter() - t
-        theirs(prompts[0], 8)
-        for timer in timers:
-            timer.seconds = 0.0
-        gens, hf_tokens, hf_seconds = [], 0, 0.0
-        for _ in range(args.repeats):
-            for i, p in enumerate(prompts):
-                for timer in timers:
-                    timer.on = True
-                gens.append(ours(p, args.max_new_tokens, seed=i))
-                for timer in timers:
-                    timer.on = False
-                toks, secs = theirs(p, args.max_new_tokens, seed=i)
-                hf_tokens, hf_seconds = hf_tokens + len(toks), hf_seconds + secs
-        q_tps = sum(len(g.tokens) for g in gens) / sum(g.total_s for g in gens)
-        return gens, q_tps, hf_tokens / hf_seconds, compile_s
+def hf_run(b: Bench, gamma: int):
+    sampler = sampler_for(b.args.mode, temperature=1.0)
 
-    weights = weight_bytes(target)
+    def fn(p, n, seed=0):
+        run = dict(
+            sampler=sampler, max_new_tokens=n, eos_ids=b.eos, seed=seed, pad_id=b.tok.eos_token_id
+        )
+        if gamma == 0:
+            return hf_generate(b.target, p, **run)
+        return hf_assisted(b.target, p, draft_model=b.draft_model, gamma=gamma, **run)
+
+    return fn
+
+
+def compare(b: Bench, gamma: int):
+    """Alternate qspec and transformers prompt by prompt: (qspec Timed list, transformers
+    Timings, compile seconds)."""
+    ours, theirs = qspec_run(b, gamma), hf_run(b, gamma)
+    t = time.perf_counter()
+    ours(b.prompts[0], 8)  # warm-up (and compilation), not counted
+    compile_s = time.perf_counter() - t
+    theirs(b.prompts[0], 8)
+    for timer in b.timers:
+        timer.seconds = 0.0
+    gens, hf = [], []
+    for repeat in range(b.args.repeats):
+        for i, p in enumerate(b.prompts):
+            for timer in b.timers:
+                timer.on = True
+            g = ours(p, b.args.max_new_tokens, seed=i)
+            gens.append(Timed(i, repeat, g.tokens, g.total_s, g))
+            for timer in b.timers:
+                timer.on = False
+            toks, secs = theirs(p, b.args.max_new_tokens, seed=i)
+            hf.append(Timed(i, repeat, toks, secs).timing)
+    return gens, hf, compile_s
+
+
+def rate(timings) -> float:
+    return sum(t.tokens for t in timings) / sum(t.seconds for t in timings)
+
+
+def ratio(num, den) -> str:
+    """The paired geometric-mean ratio (measure/speedup.py) with its 95% interval."""
+    r = PairedRatio.of(num, den)
+    if r is None:
+        return "-"
+    ci = r.ci95
+    return f"{r.mean:.2f}" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+
+
+def gamma_row(b: Bench, gamma: int, base, base_hf, bandwidth, weights) -> tuple[str, float]:
+    gens, hf, compile_s = compare(b, gamma)
+    ours = [t.timing for t in gens]
+    forward_s = sum(t.seconds for t in b.timers)
+    steps = [s for t in gens for s in t.gen.steps]
+    prefills = sum(t.gen.prefill_s + t.gen.draft_prefill_s for t in gens)  # both prompt passes
+    wall = sum(s.draft_s + s.verify_s for s in steps) + prefills
+    overhead = 1 - forward_s / wall if wall and b.timers else float("nan")
+    stats = Acceptance.of(steps, gamma)
+    verify = roofline("verify", weights, [s.verify_s for s in steps if s.drafted], bandwidth)
+    alpha = stats.alpha if stats.alpha is not None else float("nan")
+    row = (
+        f"{gamma:5d} | {rate(ours):11.2f} | {rate(hf):17.2f} | {ratio(ours, hf):18s} | "
+        f"{ratio(ours, base):18s} | {ratio(hf, base_hf):18s} | {alpha:.3f} | {stats.tau:.2f} | "
+        f"{overhead:8.1%} | {verify['step_s_p50'] * 1e3 if verify else float('nan'):13.2f} | "
+        f"{verify['fraction'] if verify else float('nan'):15.1%}"
+    )
+    return row, compile_s
+
+
+def main() -> None:
+    args = parse_args()
+    b = setup(args)
+    bandwidth = copy_bandwidth(b.device)
+    weights = weight_bytes(b.target)
     print(
-        f"# {describe(device)} | model {args.model} | target {args.target} | draft {args.draft} | "
-        f"mode {args.mode} | compile {'on' if compile else 'off'} | {len(prompts)} prompts x "
-        f"{args.max_new_tokens} new tokens x {args.repeats} repeats"
+        f"# {describe(b.device)} | model {args.model} | target {args.target} | draft "
+        f"{args.draft} | mode {args.mode} | compile {'on' if b.compile else 'off'} | "
+        f"{len(b.prompts)} prompts x {args.max_new_tokens} new tokens x {args.repeats} repeats"
     )
     if args.random:
         print("# RANDOM WEIGHTS: speed and roofline only; acceptance is meaningless here")
     print(
         f"# copy bandwidth {bandwidth['copy_gbps']:.1f} GB/s ({bandwidth['method']}); "
-        f"target weights {weights / 2**20:.1f} MiB"
+        f"target weights {weights / 2**20:.1f} MiB; ratios are paired per-prompt geometric "
+        "means with 95% intervals"
     )
-    base_gens, base_q, base_hf, compile_s = compare(0)
-    decode = roofline(
-        "decode", weights, [s.verify_s for g in base_gens for s in g.steps], bandwidth
-    )
+    gens, base_hf, compile_s = compare(b, 0)
+    base = [t.timing for t in gens]
+    steps = [s.verify_s for t in gens for s in t.gen.steps]
+    decode = roofline("decode", weights, steps, bandwidth)
     print(
-        f"target-only tokens/s: qspec {base_q:.2f} | transformers generate {base_hf:.2f} | "
-        f"ratio {base_q / base_hf:.2f} | kv cache {base_gens[0].kv_path}"
+        f"target-only tokens/s: qspec {rate(base):.2f} | transformers generate {rate(base_hf):.2f}"
+        f" | ratio {ratio(base, base_hf)} | kv cache {gens[0].gen.kv_path}"
     )
     print(
         f"target-only decode step p50 {decode['step_s_p50'] * 1e3:.2f} ms over "
@@ -243,28 +314,14 @@ def main() -> None:
     )
     compile_times = [("target-only", compile_s)]
     print(
-        "gamma | qspec tok/s | hf assisted tok/s | qspec/hf | qspec speedup | hf speedup | "
-        "alpha | tau | overhead | verify p50 ms | verify roofline"
+        "gamma | qspec tok/s | hf assisted tok/s | qspec/hf           | qspec speedup      | "
+        "hf speedup         | alpha | tau | overhead | verify p50 ms | verify roofline"
     )
     for gamma in args.gammas:
-        gens, spec_q, spec_hf, compile_s = compare(gamma)
+        row, compile_s = gamma_row(b, gamma, base, base_hf, bandwidth, weights)
+        print(row)
         compile_times.append((f"gamma {gamma}", compile_s))
-        forward_s = sum(t.seconds for t in timers)
-        steps = [s for g in gens for s in g.steps]
-        prefills = sum(g.prefill_s + g.draft_prefill_s for g in gens)  # both models' prompt passes
-        wall = sum(s.draft_s + s.verify_s for s in steps) + prefills
-        overhead = 1 - forward_s / wall if wall and timers else float("nan")
-        stats = acceptance(steps, gamma)
-        verify = roofline("verify", weights, [s.verify_s for s in steps if s.drafted], bandwidth)
-        alpha = stats["alpha_measured"]
-        print(
-            f"{gamma:5d} | {spec_q:11.2f} | {spec_hf:17.2f} | {spec_q / spec_hf:8.2f} | "
-            f"{spec_q / base_q:13.2f} | {spec_hf / base_hf:10.2f} | "
-            f"{alpha if alpha is not None else float('nan'):.3f} | {stats['tau']:.2f} | "
-            f"{overhead:8.1%} | {verify['step_s_p50'] * 1e3 if verify else float('nan'):13.2f} | "
-            f"{verify['fraction'] if verify else float('nan'):15.1%}"
-        )
-    label = "compile + first 8-token warm-up" if compile else "first 8-token warm-up (eager)"
+    label = "compile + first 8-token warm-up" if b.compile else "first 8-token warm-up (eager)"
     print(
         f"# {label}, never in the figures above: "
         + ", ".join(f"{name} {s:.1f} s" for name, s in compile_times)

@@ -13,7 +13,8 @@ from qspec.config import ConfigError, load_config
 
 
 def _evaluate(args) -> int:
-    from qspec.suites.discovery import SuiteError, load_suite
+    from qspec.suites.discovery import load_suite
+    from qspec.suites.files import SuiteError
 
     try:
         cfg = load_config(args.config)
@@ -59,12 +60,12 @@ def _evaluate(args) -> int:
 
 def _check_hub(suites) -> None:
     """Suites that need the Hugging Face hub fail now, not after the models are built."""
-    from qspec.suites.discovery import SuiteError
+    from qspec.suites.files import SuiteError
 
     needy = [s.name for s in suites if s.requires_hub]
     if not needy:
         return
-    from qspec.lmeval.harness import hub_reachable
+    from qspec.lmeval.hub import hub_reachable
 
     ok, reason = hub_reachable()
     if not ok:
@@ -96,7 +97,8 @@ def _report(args) -> int:
 
 
 def _suites(args) -> int:
-    from qspec.suites.discovery import SuiteError, list_suites
+    from qspec.suites.discovery import list_suites
+    from qspec.suites.files import SuiteError
 
     try:
         found = list_suites([Path(p) for p in args.suites_path])

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qspec.engine.draft_length import DRAFT_LENGTHS
 from qspec.models.precisions import PRECISION_NAMES, check_drafter
 from qspec.models.refs import DEFAULT_MODEL
 
@@ -31,6 +32,14 @@ def known_precisions(precisions: list[str]) -> list[str]:
             f"unknown precision {unknown[0]!r} (allowed: {', '.join(PRECISION_NAMES)})"
         )
     return precisions
+
+
+def known_drafters(names: list[str]) -> list[str]:
+    for name in names:
+        problem = check_drafter(name)
+        if problem:
+            raise ValueError(problem)
+    return names
 
 
 class ModelSpec(Strict):
@@ -77,11 +86,7 @@ class DraftSpec(ModelSpec):
     @field_validator("precisions")
     @classmethod
     def _known_precisions(cls, precisions: list[str]) -> list[str]:
-        for name in precisions:
-            problem = check_drafter(name)
-            if problem:
-                raise ValueError(problem)
-        return precisions
+        return known_drafters(precisions)
 
 
 class Sampling(Strict):
@@ -141,9 +146,7 @@ class RunConfig(Strict):
     modes: list[Literal["greedy", "sample"]] = Field(default=["greedy", "sample"], min_length=1)
     # drafts per step: fixed gamma, confidence stopping (gamma as the cap), or the heuristic
     # schedule (+2 after a full accept, -1 otherwise); each is a cell of its own
-    draft_lengths: list[Literal["fixed", "confidence", "heuristic"]] = Field(
-        default=["fixed"], min_length=1
-    )
+    draft_lengths: list[Literal[DRAFT_LENGTHS]] = Field(default=["fixed"], min_length=1)
     confidence_threshold: float = Field(default=0.4, gt=0.0, lt=1.0)
     sampling: Sampling = Sampling()
     suites: list[str] = Field(default=["default"], min_length=1)

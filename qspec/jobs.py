@@ -14,16 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qspec.config import RunConfig
-from qspec.models.precisions import draft_variant
-from qspec.plan import Finished, key_of_cell, key_of_record, key_of_stage, key_of_variant, plan
-from qspec.records import (
-    GenerationRecord,
-    Kind,
-    QualityRecord,
-    Record,
-    TaskRecord,
-    VariantRecord,
-)
+from qspec.plan import Finished, Planned
+from qspec.records import Record
 
 
 @dataclass(frozen=True)
@@ -46,58 +38,17 @@ def jobs(cfg: RunConfig) -> tuple[Job, list[Job]]:
 
 
 def lost_records(
-    job: Job,
-    cfg: RunConfig,
-    suites: list,
-    device: str,
-    versions: dict,
-    model_refs: tuple[str, str],
-    written: set[str],
-    finished: Finished,
-    reason: str,
+    job: Job, planned: list[Planned], written: set[str], finished: Finished, reason: str
 ) -> list[Record]:
     """What a job would have written and did not, as failed records that a --resume redoes.
 
-    `written` holds the keys and stage keys of the records the job did send back."""
-    failed = {"status": "failed", "error": reason}
-    out: list[Record] = []
-    if job.stage == "generation":
-        for cell in plan(cfg, [s.name for s in suites], device):
-            key = key_of_cell(cell, cfg, device, versions)
-            if cell.target != job.target or key in written or finished.cell(key) is not None:
-                continue
-            coords = dict(suite=cell.suite, target=cell.target, draft=cell.draft, mode=cell.mode)
-            out.append(
-                GenerationRecord(
-                    key=key,
-                    kind=cell.kind,
-                    gamma=cell.gamma,
-                    draft_length=cell.draft_length,
-                    **coords,
-                    **failed,
-                )
-            )
-    elif job.stage == "variants":
-        target_ref, draft_ref = model_refs
-        wanted = [(target_ref, p) for p in cfg.target.precisions + cfg.quality.variants]
-        wanted += [(draft_ref, draft_variant(d)) for d in cfg.draft.precisions]
-        for ref, precision in dict.fromkeys(w for w in wanted if w[1] is not None):
-            key = key_of_variant(ref, precision, device)
-            if key not in written:
-                out.append(VariantRecord(key=key, model=ref, precision=precision, **failed))
-    else:
-        for suite in suites:
-            if job.stage == "quality":
-                coords, rec = {"suite": suite.name}, QualityRecord(suite=suite.name, **failed)
-            elif suite.task_files or suite.task_names:
-                coords = {"suite": suite.name, "variant": job.target}
-                rec = TaskRecord(suite=suite.name, variant=job.target, task="*", **failed)
-            else:
-                continue
-            kind = Kind.QUALITY if job.stage == "quality" else Kind.TASK
-            stage_key = key_of_stage(kind, cfg, device, versions, **coords)
-            if finished.stage(stage_key) or stage_key in written:
-                continue
-            rec.stage_key, rec.key = stage_key, key_of_record(stage_key, rec)
-            out.append(rec)
+    `planned` is the run's plan.planned(); `written` holds the keys and stage keys of the
+    records the job did send back."""
+    out = []
+    for p in planned:
+        if p.stage != job.stage or p.target != job.target or p.keys & written:
+            continue
+        if any(finished.stage(k) for k in p.keys):
+            continue
+        out.append(p.failed(reason))
     return out

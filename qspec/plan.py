@@ -11,8 +11,16 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from qspec.config import RunConfig
-from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, reference_precision
-from qspec.records import Kind, Record
+from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, draft_variant, reference_precision
+from qspec.records import (
+    GenerationRecord,
+    Kind,
+    QualityRecord,
+    Record,
+    TaskLosslessRecord,
+    TaskRecord,
+    VariantRecord,
+)
 from qspec.store import cell_key
 
 DONE = ("ok", "unavailable")
@@ -29,7 +37,11 @@ class Cell:
     draft: str | None
     gamma: int
     mode: str
-    draft_length: str = "fixed"  # fixed, confidence or heuristic (engine.LENGTHS)
+    draft_length: str = "fixed"  # engine/draft_length.py: DRAFT_LENGTHS
+
+    def coordinates(self) -> dict:
+        """The cell's fields as every generation record carries them."""
+        return {**asdict(self), "kind": self.kind}
 
     def label(self) -> str:
         length = "" if self.draft_length == "fixed" else f" {self.draft_length}"
@@ -178,3 +190,130 @@ def groups(cells: list[Cell]) -> list[list[Cell]]:
     for c in cells:
         out.setdefault((c.suite, c.target, c.mode), []).append(c)
     return list(out.values())
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def variant_roles(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """Every (role, model ref, precision) the run builds, once each: the target precisions (and
+    those screened for quality only), then the draft variants its drafters need. A self-draft
+    of the target's own model is the target's variant, listed once."""
+    out: dict[tuple[str, str], str] = {}
+    for p in cfg.target.precisions + cfg.quality.variants:
+        out.setdefault((cfg.target.ref, p), "target")
+    for name in cfg.draft.precisions:
+        p = draft_variant(name)
+        if p is not None:
+            out.setdefault((cfg.draft.ref, p), "draft")
+    return [(role, ref, p) for (ref, p), role in out.items()]
+
+
+def group_variants(cfg: RunConfig, target: str) -> list[tuple[str, str]]:
+    """(role, precision) of the models one target's cell group uses: the target and its drafts."""
+    drafts = [draft_variant(name) for name in cfg.draft.precisions]
+    return [("target", target)] + [("draft", p) for p in dict.fromkeys(drafts) if p is not None]
+
+
+# ----------------------------------------------------------------------------- every record
+
+
+@dataclass(frozen=True)
+class SuitePlan:
+    """What planning needs of a suite, without loading it again (torch-free)."""
+
+    name: str
+    tasks: bool = False  # declares lm-eval tasks
+    generative_task: str | None = None  # the local generate_until task a lossless check decodes
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One record the run will write (or, for quality and tasks, one stage writing several):
+    which job writes it, and the failed record that stands for it if that job dies."""
+
+    stage: str  # the job's stage: variants, quality, generation, tasks
+    target: str | None  # the target variant whose job writes it (generation, tasks)
+    record: Record  # coordinates, key and stage key; status failed
+
+    @property
+    def keys(self) -> set[str]:
+        return {k for k in (self.record.key, self.record.stage_key) if k}
+
+    def failed(self, reason: str) -> Record:
+        return self.record.model_copy(update={"error": reason})
+
+
+def planned(cfg: RunConfig, suites: list[SuitePlan], device: str, versions: dict) -> list[Planned]:
+    """Every record a run of this config writes, in stage order: the one list that the resume
+    summary, the Ray executor's lost records and the report's missing cells all read."""
+    failed = {"status": "failed"}
+    out = [
+        Planned(
+            "variants",
+            None,
+            VariantRecord(key=key_of_variant(ref, p, device), model=ref, precision=p, **failed),
+        )
+        for _, ref, p in variant_roles(cfg)
+    ]
+    if cfg.quality.enabled:
+        for s in suites:
+            out.append(
+                Planned(
+                    "quality",
+                    None,
+                    _staged(
+                        QualityRecord(suite=s.name, **failed),
+                        Kind.QUALITY,
+                        cfg,
+                        device,
+                        versions,
+                        suite=s.name,
+                    ),
+                )
+            )
+    for cell in plan(cfg, [s.name for s in suites], device):
+        key = key_of_cell(cell, cfg, device, versions)
+        rec = GenerationRecord(key=key, **cell.coordinates(), **failed)
+        out.append(Planned("generation", cell.target, rec))
+    if cfg.tasks.enabled:
+        out += _planned_tasks(cfg, suites, device, versions)
+    return out
+
+
+def _planned_tasks(cfg, suites, device, versions) -> list[Planned]:
+    out = []
+    for s in (s for s in suites if s.tasks):
+        for t in cfg.target.precisions:
+            rec = TaskRecord(suite=s.name, variant=t, task="*", status="failed")
+            out.append(
+                Planned(
+                    "tasks",
+                    t,
+                    _staged(rec, Kind.TASK, cfg, device, versions, suite=s.name, variant=t),
+                )
+            )
+        for t, d in lossless_pairs(cfg, s, device):
+            coords = dict(suite=s.name, target=t, draft=d, gamma=max(cfg.gammas or [0]))
+            key = key_of_stage(Kind.TASK_LOSSLESS, cfg, device, versions, **coords)
+            rec = TaskLosslessRecord(key=key, task=s.generative_task, status="failed", **coords)
+            out.append(Planned("tasks", t, rec))
+    return out
+
+
+def lossless_pairs(cfg: RunConfig, suite: SuitePlan, device: str) -> list[tuple[str, str]]:
+    """(target, draft) pairs whose greedy decoding of the suite's generative task is checked."""
+    if cfg.tasks.lossless_check == "none" or suite.generative_task is None:
+        return []
+    everyone = cfg.tasks.lossless_check == "all"
+    targets = (
+        cfg.target.precisions if everyone else [reference_precision(cfg.target.precisions, device)]
+    )
+    return [(t, d) for t in targets for d in cfg.draft.precisions]
+
+
+def _staged(rec: Record, kind: Kind, cfg, device, versions, **coords) -> Record:
+    """A record written under a stage key, keyed as the stage keys its records."""
+    rec.stage_key = key_of_stage(kind, cfg, device, versions, **coords)
+    rec.key = key_of_record(rec.stage_key, rec)
+    return rec

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterator
 
 from qspec.jobs import Job, jobs, lost_records
+from qspec.plan import planned
 from qspec.records import Record, parse
 from qspec.stages.context import RunContext
 
@@ -182,11 +183,9 @@ def _deaths() -> tuple[type, ...]:
 
 
 def _lost(ctx: RunContext, job: Job, written: set[str], reason: str) -> list[Record]:
-    refs = (ctx.models.target_ref, ctx.models.draft_ref)
-    model_refs = tuple(r.ref if r is not None else "" for r in refs)
-    suites = list(ctx.suites.values())
-    args = (ctx.cfg, suites, ctx.device.type, ctx.versions, model_refs, written, ctx.finished)
-    return lost_records(job, *args, reason)
+    suites = [s.plan() for s in ctx.suites.values()]
+    everything = planned(ctx.cfg, suites, ctx.device.type, ctx.versions)
+    return lost_records(job, everything, written, ctx.finished, reason)
 
 
 def work_in_worker(
@@ -210,7 +209,7 @@ def work_in_worker(
     from qspec.environment import quiet_transformers
     from qspec.progress import Progress
     from qspec.stages import STAGES
-    from qspec.stages.context import Models
+    from qspec.stages.variants import Models
 
     if threads is not None:
         torch.set_num_threads(threads)

@@ -20,7 +20,8 @@ from qspec.plan import Cell, Finished
 from qspec.progress import Progress
 from qspec.records import Record, RunInfo, parse
 from qspec.stages import STAGES
-from qspec.stages.context import Models, RunContext
+from qspec.stages.context import RunContext
+from qspec.stages.variants import Models
 
 
 def run_evaluation(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -131,6 +133,7 @@ def test_random_model_of_the_benchmark_is_a_cache_entry(tmp_path, monkeypatch, c
     tok.save_pretrained(tmp_path / "tok")
     spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "benchmarks/engine.py")
     bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_engine", bench)  # dataclasses look their module up
     spec.loader.exec_module(bench)
     monkeypatch.setitem(bench.RANDOM_SHAPES, "tiny", (8, 16, 1, 2, 1))
 
@@ -177,7 +180,12 @@ def test_gptq_build_is_atomic_and_a_half_written_entry_is_rebuilt(tmp_path, monk
     assert variants.build_gptq_int4(ctx) is model
     [entry] = cache.entries()
     key = entry.name
-    assert (entry.path / "qspec-source.json").is_file()
+    source = json.loads((entry.path / "qspec-source.json").read_text())
+    assert source["calibration"] == {
+        "sha256": hashlib.sha256(b"text").hexdigest(),
+        "documents": 1,
+        "characters": 4,
+    }
     assert (entry.path / "model.safetensors").exists()
     assert variants.build_gptq_int4(ctx) is model and loads[-1] == str(entry.path)  # reused
 

@@ -8,10 +8,12 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from qspec.engine.compiled import Compiled
+from qspec.engine.draft_length import DraftLength
 from qspec.engine.drafters import ModelDrafter, NgramDrafter, check_same_tokenizer
 from qspec.engine.loop import Step, generate
 from qspec.engine.sampling import sampler_for
-from qspec.measure.acceptance import acceptance
+from qspec.measure.acceptance import Acceptance
 
 PROMPT = torch.tensor([0, 5, 9, 12, 5, 9, 30, 7, 5, 9])
 
@@ -27,7 +29,9 @@ def test_greedy_speculative_output_equals_target_only(
         "ngram": lambda: NgramDrafter(max_ngram=2),
     }[drafter_kind]()
     plain = generate(target_model, PROMPT, max_new_tokens=40)
-    spec = generate(target_model, PROMPT, drafter=drafter, gamma=gamma, max_new_tokens=40)
+    spec = generate(
+        target_model, PROMPT, drafter=drafter, length=DraftLength(gamma=gamma), max_new_tokens=40
+    )
     assert spec.tokens == plain.tokens
     assert len(spec.tokens) == 40
     assert all(s.emitted == s.accepted + 1 for s in spec.steps)
@@ -35,9 +39,13 @@ def test_greedy_speculative_output_equals_target_only(
 
 def test_target_drafting_for_itself_accepts_every_draft(target_model):
     gen = generate(
-        target_model, PROMPT, drafter=ModelDrafter(target_model), gamma=4, max_new_tokens=41
+        target_model,
+        PROMPT,
+        drafter=ModelDrafter(target_model),
+        length=DraftLength(gamma=4),
+        max_new_tokens=41,
     )  # the prefill gives the first token, then 8 full steps of 5
-    stats = acceptance(gen.steps, 4)
+    stats = Acceptance.of(gen.steps, 4).fields()
     assert stats["drafted"] > 0
     assert stats["acceptance_rate"] == 1.0 and stats["alpha_measured"] == 1.0
     assert stats["tau"] == 5.0  # 4 drafts + the bonus token per step
@@ -51,20 +59,24 @@ def test_self_draft_accepts_everything_when_sampling(target_model):
         target_model,
         PROMPT,
         drafter=ModelDrafter(target_model),
-        gamma=3,
+        length=DraftLength(gamma=3),
         sampler=sampler,
         max_new_tokens=32,
         generator=torch.Generator().manual_seed(0),
     )
-    stats = acceptance(gen.steps, 3)
+    stats = Acceptance.of(gen.steps, 3).fields()
     assert stats["acceptance_rate"] == 1.0
 
 
 def test_a_different_draft_is_sometimes_rejected(target_model, draft_model):
     gen = generate(
-        target_model, PROMPT, drafter=ModelDrafter(draft_model), gamma=3, max_new_tokens=40
+        target_model,
+        PROMPT,
+        drafter=ModelDrafter(draft_model),
+        length=DraftLength(gamma=3),
+        max_new_tokens=40,
     )
-    stats = acceptance(gen.steps, 3)
+    stats = Acceptance.of(gen.steps, 3).fields()
     assert 0 <= stats["alpha_measured"] < 1
     assert (
         sum(stats["accepted_histogram"])
@@ -80,7 +92,9 @@ def test_a_different_draft_is_sometimes_rejected(target_model, draft_model):
 
 def test_rollback_leaves_caches_holding_exactly_the_emitted_prefix(target_model, draft_model):
     drafter = ModelDrafter(draft_model)
-    gen = generate(target_model, PROMPT, drafter=drafter, gamma=4, max_new_tokens=30)
+    gen = generate(
+        target_model, PROMPT, drafter=drafter, length=DraftLength(gamma=4), max_new_tokens=30
+    )
     total = PROMPT.numel() + len(gen.tokens)
     assert drafter.kv.length <= total - 1
     # the target cache holds everything but the last emitted token
@@ -94,7 +108,7 @@ def test_stops_at_eos(target_model):
         target_model,
         PROMPT,
         drafter=ModelDrafter(target_model),
-        gamma=4,
+        length=DraftLength(gamma=4),
         max_new_tokens=30,
         eos_ids=frozenset([eos]),
     )
@@ -103,9 +117,10 @@ def test_stops_at_eos(target_model):
 
 def test_ngram_drafter_copies_what_followed_the_last_match():
     drafter = NgramDrafter(max_ngram=2)
-    ids, probs = drafter.propose(torch.tensor([1, 2, 3, 4, 9, 2, 3]), 3, None, None)
+    seq = [1, 2, 3, 4, 9, 2, 3]
+    ids, probs = drafter.propose(torch.tensor(seq), 3, None, None, seq)
     assert ids.tolist() == [4, 9, 2] and probs is None
-    none, _ = drafter.propose(torch.tensor([1, 2, 3]), 3, None, None)
+    none, _ = drafter.propose(torch.tensor([1, 2, 3]), 3, None, None, [1, 2, 3])
     assert none.numel() == 0
 
 
@@ -132,7 +147,7 @@ def test_vocab_sizes_must_match_for_model_drafts():
             tiny_llama(0),
             PROMPT,
             drafter=ModelDrafter(small),
-            gamma=2,
+            length=DraftLength(gamma=2),
             max_new_tokens=5,
             sampler=sampler_for("sample"),
             generator=torch.Generator().manual_seed(0),
@@ -170,7 +185,9 @@ def test_sliding_window_models_fall_back_to_the_dynamic_cache():
         max_position_embeddings=256,
     )
     model = MistralForCausalLM(cfg).eval()
-    gen = generate(model, PROMPT, drafter=ModelDrafter(model), gamma=3, max_new_tokens=20)
+    gen = generate(
+        model, PROMPT, drafter=ModelDrafter(model), length=DraftLength(gamma=3), max_new_tokens=20
+    )
     ids = PROMPT.view(1, -1)
     theirs = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20
@@ -206,7 +223,7 @@ def test_one_host_synchronisation_per_step(target_model, draft_model, mode):
             target_model,
             PROMPT,
             drafter=ModelDrafter(draft_model),
-            gamma=3,
+            length=DraftLength(gamma=3),
             sampler=sampler_for(mode, temperature=0.8),
             max_new_tokens=30,
             generator=torch.Generator().manual_seed(0),
@@ -224,13 +241,20 @@ def test_compiled_steps_give_the_same_tokens(target_model, draft_model, drafter_
     """torch.compile (inductor on CPU) of the draft and verify steps is lossless too."""
     drafter = {
         "none": lambda: None,
-        "model": lambda: ModelDrafter(draft_model),
+        "model": lambda: ModelDrafter(draft_model, compiled=draft_compiled),
         "ngram": lambda: NgramDrafter(max_ngram=2),
     }[drafter_kind]
+    # the caller's compile decision: one Compiled per model, reused by every generation
+    target_compiled, draft_compiled = Compiled(target_model), Compiled(draft_model)
     plain = generate(target_model, PROMPT, max_new_tokens=30)
     for _ in range(2):  # the second run reuses the pooled cache and the compiled graphs
         gen = generate(
-            target_model, PROMPT, drafter=drafter(), gamma=3, max_new_tokens=30, compile=True
+            target_model,
+            PROMPT,
+            drafter=drafter(),
+            length=DraftLength(gamma=3),
+            max_new_tokens=30,
+            compiled=target_compiled,
         )
         assert gen.kv_path == "static"
         assert gen.tokens == plain.tokens
@@ -246,7 +270,7 @@ def test_eos_among_accepted_drafts_counts_only_the_kept_tokens(target_model):
         target_model,
         PROMPT,
         drafter=ModelDrafter(target_model),
-        gamma=4,
+        length=DraftLength(gamma=4),
         max_new_tokens=20,
         eos_ids=frozenset([eos]),
     )
@@ -254,13 +278,13 @@ def test_eos_among_accepted_drafts_counts_only_the_kept_tokens(target_model):
     assert sum(s.emitted for s in gen.steps) == len(gen.tokens) - 1  # the prefill gave one
     last = gen.steps[-1]
     assert (last.drafted, last.accepted, last.emitted) == (2, 2, 2)
-    stats = acceptance(gen.steps, 4)
+    stats = Acceptance.of(gen.steps, 4).fields()
     assert stats["tested"] == stats["accepted"] == 2 and stats["short_full_accepts"] == 1
 
 
 def test_a_short_full_accept_is_not_a_rejection():
     steps = [Step(3, 1, 2, 0, 0), Step(2, 2, 3, 0, 0), Step(3, 3, 4, 0, 0), Step(0, 0, 1, 0, 0)]
-    stats = acceptance(steps, 3)
+    stats = Acceptance.of(steps, 3).fields()
     assert stats["accepted_histogram"] == [0, 1, 0, 1]
     assert stats["short_full_accepts"] == 1 and stats["steps_without_drafts"] == 1
     assert stats["tested"] == 6 + 1  # one step ended in a rejection
@@ -283,7 +307,11 @@ def test_the_draft_reads_the_prompt_before_the_first_step(target_model, draft_mo
     hook = draft_model.register_forward_hook(lambda *_: calls.append(1))
     try:
         gen = generate(
-            target_model, PROMPT, drafter=ModelDrafter(draft_model), gamma=3, max_new_tokens=12
+            target_model,
+            PROMPT,
+            drafter=ModelDrafter(draft_model),
+            length=DraftLength(gamma=3),
+            max_new_tokens=12,
         )
     finally:
         hook.remove()
@@ -292,13 +320,15 @@ def test_the_draft_reads_the_prompt_before_the_first_step(target_model, draft_mo
 
 
 def test_heuristic_schedule_grows_after_full_accepts_and_shrinks_after_rejections():
-    from qspec.engine.loop import next_budget
-
-    assert next_budget("heuristic", 3, 3, 3, 3) == 5
-    assert next_budget("heuristic", 5, 3, 5, 5) == 6  # capped at 2 * gamma
-    assert next_budget("heuristic", 5, 3, 5, 2) == 4
-    assert next_budget("heuristic", 1, 3, 1, 0) == 1  # never below one draft
-    assert next_budget("fixed", 3, 3, 3, 3) == 3 and next_budget("confidence", 3, 3, 3, 0) == 3
+    heuristic = DraftLength("heuristic", gamma=3)
+    assert heuristic.next(3, 3, 3) == 5
+    assert heuristic.next(5, 5, 5) == 6  # capped at 2 * gamma
+    assert heuristic.next(5, 5, 2) == 4
+    assert heuristic.next(1, 1, 0) == 1  # never below one draft
+    assert DraftLength("fixed", 3).next(3, 3, 3) == 3
+    assert DraftLength("confidence", 3).next(3, 3, 0) == 3
+    with pytest.raises(ValueError, match="draft length 'sometimes'"):
+        DraftLength("sometimes", 3)
 
 
 @pytest.mark.parametrize("length", ["confidence", "heuristic"])
@@ -310,10 +340,9 @@ def test_adaptive_draft_lengths_stay_lossless(target_model, draft_model, length)
         target_model,
         PROMPT,
         drafter=ModelDrafter(draft_model),
-        gamma=3,
+        # the tiny draft is rarely more sure than 0.1
+        length=DraftLength(length, gamma=3, threshold=0.1),
         max_new_tokens=40,
-        draft_length=length,
-        threshold=0.1,  # the tiny draft is rarely more sure than this
     )
     assert gen.tokens == plain.tokens
     drafted = {s.drafted for s in gen.steps}
@@ -322,7 +351,7 @@ def test_adaptive_draft_lengths_stay_lossless(target_model, draft_model, length)
     else:
         assert max(drafted) <= 6
     replayed = replay_greedy(
-        ModelDrafter(draft_model), PROMPT, gen.tokens, 3, 40, draft_length=length, threshold=0.1
+        ModelDrafter(draft_model), PROMPT, gen.tokens, DraftLength(length, 3, 0.1), 40
     )
     assert [(s.drafted, s.accepted, s.emitted) for s in replayed] == [
         (s.drafted, s.accepted, s.emitted) for s in gen.steps

@@ -17,12 +17,12 @@ def _ids(n: int, vocab: int = 64, seed: int = 0) -> torch.Tensor:
 
 def test_fp32_tiny_model_is_batch_invariant(target_model):
     r = batch_invariance(target_model, _ids(80), k=4)
-    assert r["positions"] == 64 and r["k"] == 4
-    assert r["argmax_flips"] == 0 and r["argmax_flips_per_1000"] == 0
-    assert r["batch_invariant"] is True
-    assert r["max_abs_logit_diff"] < 1e-3
-    assert r["max_flip_margin"] is None
-    assert "one token per forward" in r["method"]
+    assert r.positions == 64 and r.k == 4
+    assert r.argmax_flips == 0 and r.argmax_flips_per_1000 == 0
+    assert r.batch_invariant is True
+    assert r.max_abs_logit_diff < 1e-3
+    assert r.max_flip_margin is None
+    assert "one token per forward" in r.method
 
 
 def test_shape_dependent_model_is_caught():
@@ -36,10 +36,10 @@ def test_shape_dependent_model_is_caught():
         r = batch_invariance(model, _ids(80), k=4, max_positions=32)
     finally:
         hook.remove()
-    assert r["positions"] == 32
-    assert r["argmax_flips"] > 0 and r["batch_invariant"] is False
-    assert r["argmax_flips_per_1000"] == 1000 * r["argmax_flips"] / 32
-    assert r["max_abs_logit_diff"] > 1.0 and r["max_flip_margin"] > 0
+    assert r.positions == 32
+    assert r.argmax_flips > 0 and r.batch_invariant is False
+    assert r.argmax_flips_per_1000 == 1000 * r.argmax_flips / 32
+    assert r.max_abs_logit_diff > 1.0 and r.max_flip_margin > 0
 
 
 def test_short_input_is_refused(target_model):
@@ -63,13 +63,13 @@ def test_divergence_finds_position_and_margin(target_model):
     assert top.indices[0].item() == target[at]
     spec = [*target[:at], top.indices[1].item(), *target[at + 1 :]]
     d = divergence(target, spec, target_model, prompt)
-    assert d["position"] == at
-    assert d["target_token"] == target[at] and d["speculative_token"] == spec[at]
+    assert d.position == at
+    assert d.target_token == target[at] and d.speculative_token == spec[at]
     margin = (top.values[0] - top.values[1]).item()
-    assert d["top1_top2_margin"] == pytest.approx(margin, abs=1e-4)
-    assert d["speculative_gap"] == pytest.approx(margin, abs=1e-4)
+    assert d.top1_top2_margin == pytest.approx(margin, abs=1e-4)
+    assert d.speculative_gap == pytest.approx(margin, abs=1e-4)
     ended = divergence(target, target[:at], target_model, prompt)
-    assert ended["position"] == at and ended["speculative_token"] is None
+    assert ended.position == at and ended.speculative_token is None
 
 
 @pytest.mark.slow
@@ -92,6 +92,6 @@ def test_default_model_variants(default_model_dir):
             assert len(generate(model, ids[:16], max_new_tokens=8).tokens) == 8
         del model
     for precision, r in figures.items():
-        print(precision, {k: v for k, v in r.items() if k != "method"})
-    assert figures["fp32"]["batch_invariant"] is True
-    assert all(r["positions"] == 128 for r in figures.values())
+        print(precision, r.model_dump(exclude={"method"}))
+    assert figures["fp32"].batch_invariant is True
+    assert all(r.positions == 128 for r in figures.values())

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass, field
 
 import pytest
 
 from qspec.config import ConfigError, parse_config
 from qspec.jobs import Job, jobs, lost_records
-from qspec.plan import Finished, key_of_cell, plan
+from qspec.plan import Finished, SuitePlan, key_of_cell, plan, planned
 from qspec.records import GenerationRecord
 
 VERSIONS = {"torch": "2.13.0"}
-
-
-@dataclass
-class FakeSuite:
-    name: str
-    task_files: list = field(default_factory=list)
-    task_names: list = field(default_factory=list)
 
 
 def config(**overrides):
@@ -49,7 +41,7 @@ def test_one_generation_and_one_tasks_job_per_target_after_the_build():
 
 def test_a_dead_generation_job_loses_only_its_targets_unwritten_cells():
     cfg = config()
-    suites = [FakeSuite("default")]
+    everything = planned(cfg, [SuitePlan("default")], "cpu", VERSIONS)
     cells = plan(cfg, ["default"], "cpu")
     mine = [c for c in cells if c.target == "nf4"]
     key = {c: key_of_cell(c, cfg, "cpu", VERSIONS) for c in cells}
@@ -57,11 +49,7 @@ def test_a_dead_generation_job_loses_only_its_targets_unwritten_cells():
     done = GenerationRecord(key=key[mine[1]], kind=mine[1].kind, suite="default", target="nf4")
     lost = lost_records(
         Job("generation", "nf4"),
-        cfg,
-        suites,
-        "cpu",
-        VERSIONS,
-        ("m", "m"),
+        everything,
         written,
         Finished([done]),  # stored by an earlier attempt
         "generation nf4: worker died: killed",
@@ -76,8 +64,9 @@ def test_a_dead_generation_job_loses_only_its_targets_unwritten_cells():
 
 def test_a_dead_stage_job_leaves_one_failed_record_per_suite_it_had_not_finished():
     cfg = config()
-    suites = [FakeSuite("a", task_files=["t.yaml"]), FakeSuite("b")]
-    args = (cfg, suites, "cpu", VERSIONS, ("m", "m"), set(), Finished(), "died")
+    suites = [SuitePlan("a", tasks=True, generative_task="gen"), SuitePlan("b")]
+    everything = planned(cfg, suites, "cpu", VERSIONS)
+    args = (everything, set(), Finished(), "died")
     quality = lost_records(Job("quality"), *args)
     assert [(r.kind, r.suite, r.status) for r in quality] == [
         ("quality", "a", "failed"),
@@ -85,18 +74,24 @@ def test_a_dead_stage_job_leaves_one_failed_record_per_suite_it_had_not_finished
     ]
     tasks = lost_records(Job("tasks", "nf4"), *args)
     assert [(r.kind, r.suite, r.variant, r.task) for r in tasks] == [("task", "a", "nf4", "*")]
+    # the reference target's tasks job also checks losslessness, one record per draft
+    reference = lost_records(Job("tasks", "fp32"), *args)
+    assert [(r.kind, getattr(r, "draft", None)) for r in reference] == [
+        ("task", None),
+        ("task_lossless", "int8"),
+        ("task_lossless", "ngram"),
+    ]
     # a suite whose stage record came back is not lost
     written = {quality[0].stage_key}
-    again = lost_records(
-        Job("quality"), cfg, suites, "cpu", VERSIONS, ("m", "m"), written, Finished(), "died"
-    )
+    again = lost_records(Job("quality"), everything, written, Finished(), "died")
     assert [r.suite for r in again] == ["b"]
     variants = lost_records(Job("variants"), *args)
+    model = cfg.target.ref
     assert [(r.model, r.precision) for r in variants] == [
-        ("m", "fp32"),
-        ("m", "nf4"),
-        ("m", "int8-t0"),  # screened for quality only, by default
-        ("m", "int8"),
+        (model, "fp32"),
+        (model, "nf4"),
+        (model, "int8-t0"),  # screened for quality only, by default
+        (model, "int8"),
     ]
 
 

@@ -6,10 +6,12 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from qspec.engine.draft_length import DraftLength
 from qspec.engine.drafters import ModelDrafter
-from qspec.engine.layerskip import LayerSkip, middle_layers, search_skip
+from qspec.engine.layerskip import LayerSkip, middle_layers
 from qspec.engine.loop import generate
-from qspec.measure.acceptance import acceptance
+from qspec.measure.acceptance import Acceptance
+from qspec.measure.skip_search import search_skip
 
 PROMPT = torch.tensor([3, 7, 11, 5, 2, 9, 4, 8, 6, 10])
 
@@ -38,9 +40,11 @@ def test_skipping_nothing_is_the_model_itself(deep):
 def test_a_layer_skip_draft_is_lossless_and_caches_only_its_layers(deep, gamma):
     plain = generate(deep, PROMPT, max_new_tokens=30)
     drafter = ModelDrafter(LayerSkip(deep, (2,)))
-    spec = generate(deep, PROMPT, drafter=drafter, gamma=gamma, max_new_tokens=30)
+    spec = generate(
+        deep, PROMPT, drafter=drafter, length=DraftLength(gamma=gamma), max_new_tokens=30
+    )
     assert spec.tokens == plain.tokens
-    stats = acceptance(spec.steps, gamma)
+    stats = Acceptance.of(spec.steps, gamma).fields()
     assert stats["drafted"] > 0 and 0 < stats["acceptance_rate"] <= 1
     layers = drafter.kv.cache.layers
     filled = [i for i, layer in enumerate(layers) if layer.is_initialized]

@@ -178,3 +178,13 @@ def test_adaptive_lengths_are_cells_of_their_own_and_model_drafts_only_stop_on_c
     assert key_of_cell(conf, cfg, "cpu", VERSIONS) != key_of_cell(
         conf, config(confidence_threshold=0.5), "cpu", VERSIONS
     )
+
+
+def test_the_config_names_every_builder_and_drafter_there_is():
+    """The torch-free name lists the config validates against match the registries."""
+    from qspec.engine.drafters import MODEL_FREE_DRAFTERS
+    from qspec.models.builders import PRECISIONS
+    from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, PRECISION_NAMES
+
+    assert tuple(PRECISIONS) == PRECISION_NAMES
+    assert tuple(MODEL_FREE_DRAFTERS) == MODEL_FREE_DRAFTER_NAMES

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from qspec.engine.draft_length import DraftLength
 from qspec.engine.drafters import ModelDrafter, NgramDrafter
 from qspec.engine.loop import generate
 from qspec.engine.sampling import GREEDY
@@ -170,7 +171,7 @@ def test_tiny_engine_matches_reference(target_model, tiny_drafters, kind, gamma,
         target_model,
         torch.tensor(TINY_PROMPT),
         drafter=drafter,
-        gamma=gamma,
+        length=DraftLength(gamma=gamma),
         sampler=GREEDY,
         max_new_tokens=max_new_tokens,
     )
@@ -201,7 +202,7 @@ def test_tiny_eos_matches_reference(target_model, tiny_drafters, kind, gamma):
         target_model,
         torch.tensor(TINY_PROMPT),
         drafter=drafter,
-        gamma=gamma,
+        length=DraftLength(gamma=gamma),
         max_new_tokens=30,
         eos_ids=eos,
     )
@@ -255,7 +256,7 @@ def run_both(real, prompt_id: str, drafter, propose):
         real["target"],
         torch.tensor(ids),
         drafter=drafter,
-        gamma=REAL_GAMMA,
+        length=DraftLength(gamma=REAL_GAMMA),
         sampler=GREEDY,
         max_new_tokens=REAL_NEW_TOKENS,
         eos_ids=real["eos"],

@@ -168,15 +168,19 @@ def test_a_model_torch_compile_cannot_handle_is_measured_eagerly(
     tmp_path, tiny_model_dir, monkeypatch
 ):
     """compile = true must never lose a cell: the failure is recorded and timing goes on eagerly."""
-    import qspec.engine.kv
+    import qspec.stages.context
+    from qspec.engine.compiled import Compiled
 
-    def broken(model):
-        def step(*args, **kwargs):
-            raise RuntimeError("inductor cannot trace this kernel")
+    class Broken(Compiled):
+        def __init__(self, model):
+            super().__init__(model)
 
-        return step
+            def step(*args, **kwargs):
+                raise RuntimeError("inductor cannot trace this kernel")
 
-    monkeypatch.setattr(qspec.engine.kv, "compiled_step", broken)
+            self.step = step
+
+    monkeypatch.setattr(qspec.stages.context, "Compiled", Broken)
     cfg = write_config(
         tmp_path / "c.toml",
         tiny_model_dir,

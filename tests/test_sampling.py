@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_llama
 from scipy.stats import chisquare
 
+from qspec.engine.draft_length import DraftLength
 from qspec.engine.drafters import ModelDrafter, NgramDrafter
 from qspec.engine.loop import generate
 from qspec.engine.sampling import Sampler, sampler_for
@@ -59,7 +60,7 @@ def empirical_pairs(target, make_drafter, sampler, accept=None) -> torch.Tensor:
             target,
             PROMPT,
             drafter=make_drafter(),
-            gamma=3,
+            length=DraftLength(gamma=3),
             sampler=sampler,
             max_new_tokens=3,
             generator=rng,

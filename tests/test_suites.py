@@ -11,15 +11,9 @@ import yaml
 
 from qspec import cache
 from qspec.suites import python_docs as builtin_data
-from qspec.suites.discovery import (
-    Prompt,
-    Suite,
-    SuiteError,
-    builtin_suites_dir,
-    discover_suites,
-    list_suites,
-    load_suite,
-)
+from qspec.suites.discovery import builtin_suites_dir, discover_suites, list_suites, load_suite
+from qspec.suites.files import SuiteError
+from qspec.suites.folder import Prompt, Suite
 from qspec.suites.task_yaml import materialize_task_yaml
 
 

@@ -19,10 +19,15 @@ from conftest import tiny_llama
 
 from qspec.engine.drafters import ModelDrafter, NgramDrafter
 from qspec.lmeval import harness as qtasks
-from qspec.lmeval.harness import hub_reachable, lossless_check, run_tasks, speculative_lm
+from qspec.lmeval import hub
+from qspec.lmeval.harness import run_tasks
+from qspec.lmeval.hf_models import quiet_lm, speculative_lm
+from qspec.lmeval.hub import OFFLINE_VARS, hub_reachable
+from qspec.lmeval.lossless import _outputs as lossless_outputs
+from qspec.lmeval.lossless import lossless_check
 from qspec.measure.stats import paired_delta
-from qspec.records import TaskRecord
-from qspec.suites.discovery import Suite, load_suite, load_suite_dir
+from qspec.suites.discovery import load_suite
+from qspec.suites.folder import Suite, load_suite_dir
 
 MC_TASK, GEN_TASK = "tiny_mc", "tiny_gen"
 
@@ -133,7 +138,7 @@ def tiny_suite(tmp_path) -> Suite:
 
 
 def _by_key(records: list[dict]) -> dict[tuple[str, str | None], dict]:
-    return {(r["task"], r["metric"]): r for r in records}
+    return {(r.task, r.metric): r for r in records}
 
 
 def test_run_tasks_tiny_model(tiny_target, tokenizer, tiny_suite, tmp_path):
@@ -141,17 +146,17 @@ def test_run_tasks_tiny_model(tiny_target, tokenizer, tiny_suite, tmp_path):
     got = _by_key(records)
     assert set(got) == {(MC_TASK, "acc"), (MC_TASK, "acc_norm"), (GEN_TASK, "exact_match")}
     for rec in records:
-        assert rec["status"] == "ok", rec
-        assert rec["error"] is None
-        assert rec["n"] == 6
-        assert 0.0 <= rec["value"] <= 1.0
-        assert rec["stderr"] is None or rec["stderr"] >= 0.0
+        assert rec.status == "ok", rec
+        assert rec.error is None
+        assert rec.n == 6
+        assert 0.0 <= rec.value <= 1.0
+        assert rec.stderr is None or rec.stderr >= 0.0
         # per-doc outcomes, for pairing with another variant; their mean is the value
-        assert rec["higher_is_better"] is True
-        assert sorted(rec["doc_scores"]) == [str(i) for i in range(6)]
-        assert set(rec["doc_scores"].values()) <= {0.0, 1.0}
-        assert sum(rec["doc_scores"].values()) / 6 == pytest.approx(rec["value"])
-        TaskRecord(suite="tiny", variant="fp32", **rec)  # the stage's record takes them as they are
+        assert rec.higher_is_better is True
+        assert sorted(rec.doc_scores) == [str(i) for i in range(6)]
+        assert set(rec.doc_scores.values()) <= {0.0, 1.0}
+        assert sum(rec.doc_scores.values()) / 6 == pytest.approx(rec.value)
+        assert rec.suite == "tiny"
     # the YAMLs were materialized (absolute data paths) into work_dir/tasks/<suite>/
     assert sorted(p.name for p in (tmp_path / "work" / "tasks" / "tiny").iterdir()) == [
         "gen.yaml",
@@ -182,7 +187,7 @@ def test_metric_records_direction_and_doc_scores():
         "n-samples": {"t": {"original": 9, "effective": 3}},
         "samples": {"t": samples},
     }
-    got = {r["metric"]: r for r in qtasks._metric_records(results, 1.0)}
+    got = {r["metric"]: r for r in qtasks.metric_records(results, 1.0)}
     assert got["exact_match,strict"]["doc_scores"] == {"0": 0.0, "1": 1.0, "2": 0.0}
     assert got["exact_match,flex"]["doc_scores"] == {"0": 1.0, "1": 0.0, "2": 1.0}
     assert got["exact_match,flex"]["higher_is_better"] is True
@@ -190,7 +195,7 @@ def test_metric_records_direction_and_doc_scores():
     assert got["ter,strict"]["higher_is_better"] is False and got["ter,strict"]["doc_scores"] == {}
     # without logged samples or a direction: empty, None
     bare = {k: v for k, v in results.items() if k not in ("samples", "higher_is_better")}
-    for rec in qtasks._metric_records(bare, 1.0):
+    for rec in qtasks.metric_records(bare, 1.0):
         assert rec["doc_scores"] == {} and rec["higher_is_better"] is None
 
 
@@ -198,11 +203,11 @@ def test_two_variants_pair_per_document(tiny_target, tiny_draft, tokenizer, tiny
     a = _by_key(run_tasks(tiny_target, tokenizer, tiny_suite, tmp_path / "a", limit=None))
     b = _by_key(run_tasks(tiny_draft, tokenizer, tiny_suite, tmp_path / "b", limit=None))
     for key, ref in a.items():
-        d = paired_delta(b[key]["doc_scores"], ref["doc_scores"], ref["higher_is_better"])
+        d = paired_delta(b[key].doc_scores, ref.doc_scores, ref.higher_is_better)
         assert d["n"] == 6
-        assert d["delta_mean"] == pytest.approx(b[key]["value"] - ref["value"])
+        assert d["delta_mean"] == pytest.approx(b[key].value - ref.value)
         assert isinstance(d["significant_drop"], bool)
-        same = paired_delta(ref["doc_scores"], ref["doc_scores"], True)
+        same = paired_delta(ref.doc_scores, ref.doc_scores, True)
         assert same["delta_mean"] == 0 and same["significant_drop"] is False
 
 
@@ -210,28 +215,28 @@ def test_run_tasks_limit_and_selection(tiny_target, tokenizer, tiny_suite, tmp_p
     records = run_tasks(
         tiny_target, tokenizer, tiny_suite, tmp_path / "work", limit=3, tasks=[MC_TASK]
     )
-    assert {r["task"] for r in records} == {MC_TASK}
-    assert all(r["status"] == "ok" and r["n"] == 3 for r in records)
+    assert {r.task for r in records} == {MC_TASK}
+    assert all(r.status == "ok" and r.n == 3 for r in records)
 
 
 def test_run_tasks_is_deterministic(tiny_target, tokenizer, tiny_suite, tmp_path):
     a = run_tasks(tiny_target, tokenizer, tiny_suite, tmp_path / "a", limit=None)
     b = run_tasks(tiny_target, tokenizer, tiny_suite, tmp_path / "b", limit=None)
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in a]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in b]
+    strip = [r.model_dump(exclude={"seconds"}) for r in a]
+    assert strip == [r.model_dump(exclude={"seconds"}) for r in b]
 
 
 def test_plain_speculative_lm_matches_hflm(tiny_target, tokenizer, tiny_suite, tmp_path):
     """Target-only decoding through qspec's engine returns what HF generate returns."""
     work = tmp_path / "work" / "tasks" / "tiny"
-    qtasks._local_tasks(tiny_suite, work)
-    manager = qtasks._task_manager(work, False)
+    qtasks.local_tasks(tiny_suite, work)
+    manager = qtasks.task_manager(work, False)
     ours = speculative_lm(tiny_target, tokenizer)
     runs = [
-        qtasks._evaluate(lm, GEN_TASK, manager, limit=None, seed=1, log_samples=True)
-        for lm in (qtasks.quiet_lm(tiny_target, tokenizer), ours)
+        qtasks.evaluate(lm, GEN_TASK, manager, limit=None, seed=1, log_samples=True)
+        for lm in (quiet_lm(tiny_target, tokenizer), ours)
     ]
-    hf, mine = (qtasks._outputs(r, GEN_TASK) for r in runs)
+    hf, mine = (lossless_outputs(r, GEN_TASK) for r in runs)
     assert len(hf) == 6
     assert hf == mine
     assert ours.stats["generations"] == 6 and ours.stats["drafted"] == 0
@@ -265,17 +270,17 @@ def test_lossless_tiny(kind, tiny_target, tiny_draft, noisy_copy, tokenizer, tin
         task=GEN_TASK,
         limit=None,
     )
-    assert res["status"] == "ok", res
-    assert res["n"] == 6
-    assert res["metric"] == "exact_match"
-    assert res["accuracy_speculative"] == res["accuracy_plain"]
-    assert res["equal"] is True
-    assert res["outputs_identical"] is True
-    assert res["mismatched_docs"] == []
+    assert res.status == "ok", res
+    assert res.n == 6
+    assert res.metric == "exact_match"
+    assert res.accuracy_speculative == res.accuracy_plain
+    assert res.equal is True
+    assert res.outputs_identical is True
+    assert res.mismatched_docs == []
     if kind in drafts:
-        assert res["acceptance"] is not None  # drafts were really proposed and verified
+        assert res.acceptance is not None  # drafts were really proposed and verified
     if kind == "noisy_copy":
-        assert 0.0 < res["acceptance"] < 1.0  # accepted, rejected and rolled back
+        assert 0.0 < res.acceptance < 1.0  # accepted, rejected and rolled back
 
 
 def test_speculative_lm_drafts_and_makes_fresh_drafters(tiny_target, tiny_draft, tokenizer):
@@ -325,21 +330,21 @@ def test_broken_task_is_recorded_and_others_run(tiny_target, tokenizer, tmp_path
         task_files=[folder / "missing.yaml", folder / "bad_data.yaml", folder / "mc.yaml"],
     )
     records = run_tasks(tiny_target, tokenizer, suite, tmp_path / "work", limit=None)
-    failed = [r for r in records if r["status"] == "failed"]
-    assert {r["task"] for r in failed} == {"missing", "tiny_bad"}
+    failed = [r for r in records if r.status == "failed"]
+    assert {r.task for r in failed} == {"missing", "tiny_bad"}
     for rec in failed:
-        assert rec["error"] and rec["value"] is None and rec["n"] == 0
-    assert "not found" in next(r for r in failed if r["task"] == "missing")["error"]
-    ok = [r for r in records if r["status"] == "ok"]
-    assert {(r["task"], r["metric"]) for r in ok} == {(MC_TASK, "acc"), (MC_TASK, "acc_norm")}
+        assert rec.error and rec.value is None and rec.n == 0
+    assert "not found" in next(r for r in failed if r.task == "missing").error
+    ok = [r for r in records if r.status == "ok"]
+    assert {(r.task, r.metric) for r in ok} == {(MC_TASK, "acc"), (MC_TASK, "acc_norm")}
 
     records = run_tasks(
         tiny_target, tokenizer, suite, tmp_path / "work", limit=2, tasks=["nope", MC_TASK]
     )
-    nope = [r for r in records if r["task"] == "nope"]
-    assert len(nope) == 1 and nope[0]["status"] == "failed"
-    assert "not in suite" in nope[0]["error"]
-    assert all(r["status"] == "ok" and r["n"] == 2 for r in records if r["task"] == MC_TASK)
+    nope = [r for r in records if r.task == "nope"]
+    assert len(nope) == 1 and nope[0].status == "failed"
+    assert "not in suite" in nope[0].error
+    assert all(r.status == "ok" and r.n == 2 for r in records if r.task == MC_TASK)
 
 
 def test_registry_tasks_unavailable_without_hub(monkeypatch, tmp_path):
@@ -349,20 +354,20 @@ def test_registry_tasks_unavailable_without_hub(monkeypatch, tmp_path):
     start = time.perf_counter()
     records = run_tasks(None, None, suite, tmp_path / "work", limit=5)
     assert time.perf_counter() - start < 5
-    assert [r["task"] for r in records] == ["hellaswag", "gsm8k"]
+    assert [r.task for r in records] == ["hellaswag", "gsm8k"]
     for rec in records:
-        assert rec["status"] == "unavailable"
-        assert "hub" in rec["error"] and "HF_HUB_OFFLINE" in rec["error"]
+        assert rec.status == "unavailable"
+        assert "hub" in rec.error and "HF_HUB_OFFLINE" in rec.error
     res = lossless_check(
         None, None, suite, tmp_path, drafter_factory=NgramDrafter, gamma=3, task="gsm8k", limit=5
     )
-    assert res["status"] == "unavailable" and "hub" in res["error"]
+    assert res.status == "unavailable" and "hub" in res.error
 
 
 def test_hub_probe_fails_fast(monkeypatch):
-    for var in qtasks.OFFLINE_VARS:
+    for var in OFFLINE_VARS:
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(qtasks, "HUB_HOST", ("hub.invalid", 443))
+    monkeypatch.setattr(hub, "HUB_HOST", ("hub.invalid", 443))
     start = time.perf_counter()
     ok, reason = hub_reachable(timeout=1.0)
     assert not ok and reason
@@ -380,7 +385,7 @@ def test_lossless_check_needs_a_generation_task(tiny_suite, tmp_path):
         task=MC_TASK,
         limit=2,
     )
-    assert res["status"] == "unavailable" and "generate_until" in res["error"]
+    assert res.status == "unavailable" and "generate_until" in res.error
     res = lossless_check(
         None,
         None,
@@ -391,14 +396,19 @@ def test_lossless_check_needs_a_generation_task(tiny_suite, tmp_path):
         task="nope",
         limit=2,
     )
-    assert res["status"] == "failed" and "not in suite" in res["error"]
+    assert res.status == "failed" and "not in suite" in res.error
 
 
-def test_import_is_light():
+def test_lm_eval_loads_only_when_tasks_are_scored():
+    """The command line asks the hub before any model loads, and a run without tasks never
+    pays lm-eval's import: only the modules that score tasks import it."""
     import subprocess
     import sys
 
-    code = "import sys, qspec.lmeval.harness; print('lm_eval' in sys.modules)"
+    code = (
+        "import sys, qspec.cli, qspec.lmeval.hub, qspec.stages.accuracy; "
+        "print('lm_eval' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -426,10 +436,10 @@ def test_default_suite_real_model(real_model, tmp_path):
         ("qspec_default_import", "exact_match"),
     }
     for rec in records:
-        assert rec["status"] == "ok" and rec["n"] == 20 and 0.0 <= rec["value"] <= 1.0
+        assert rec.status == "ok" and rec.n == 20 and 0.0 <= rec.value <= 1.0
         print(f"{rec['task']} {rec['metric']} = {rec['value']:.3f} ({rec['seconds']:.1f} s)")
     # a 135M instruct model does better than chance on the function-name quiz
-    assert got[("qspec_default_docname", "acc")]["value"] > 0.0
+    assert got[("qspec_default_docname", "acc")].value > 0.0
 
 
 @pytest.mark.slow
@@ -457,8 +467,8 @@ def test_lossless_nf4_self_draft(real_model, default_model_dir, tmp_path):
         limit=20,
     )
     print(textwrap.shorten(json.dumps(res), 400))
-    assert res["status"] == "ok", res
-    assert res["n"] == 20
-    assert res["equal"] is True and res["outputs_identical"] is True
-    assert res["accuracy_plain"] == res["accuracy_speculative"]
-    assert res["acceptance"] is not None and res["acceptance"] > 0
+    assert res.status == "ok", res
+    assert res.n == 20
+    assert res.equal is True and res.outputs_identical is True
+    assert res.accuracy_plain == res.accuracy_speculative
+    assert res.acceptance is not None and res.acceptance > 0

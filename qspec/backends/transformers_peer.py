@@ -1,4 +1,5 @@
-"""transformers' assisted generation for the same pair: the peer our engine is timed against."""
+"""transformers' generate and assisted generation for the same pair: the peer qspec's loop is
+timed against (hf_assisted cells), with transformers' own prompt lookup as the n-gram peer."""
 
 from __future__ import annotations
 
@@ -6,8 +7,13 @@ import time
 
 import torch
 
+from qspec.backends.interface import Prepared, Timed
 from qspec.engine.loop import sync
 from qspec.engine.sampling import Sampler
+from qspec.measure.memory import peak_bytes, reset_peak
+from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES
+from qspec.records import Skip
+from qspec.suites.encoding import stop_ids
 
 
 @torch.inference_mode()
@@ -61,3 +67,34 @@ def hf_assisted(target, prompt: torch.Tensor, *, draft_model=None, gamma: int, *
     gc.num_assistant_tokens_schedule = "constant"
     gc.assistant_confidence_threshold = 0.0
     return hf_generate(target, prompt, assistant_model=draft_model, **run)
+
+
+def prepare(ctx, cell, target, drafter, prompts) -> Prepared:
+    """Assisted generation with the cell's draft model (or prompt lookup for an n-gram cell)."""
+    draft_model = drafter.model if drafter is not None else None
+    if draft_model is None and cell.draft not in MODEL_FREE_DRAFTER_NAMES:
+        raise Skip("unavailable", "no draft model")
+    tokenizer = ctx.models.tokenizer
+    eos = stop_ids(tokenizer, target)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+    run = dict(
+        draft_model=draft_model,
+        gamma=cell.gamma,
+        sampler=ctx.sampler(cell.mode),
+        eos_ids=eos,
+        pad_id=pad,
+    )
+    first = prompts[0]
+    for _ in range(ctx.cfg.warmup):
+        hf_assisted(target, first.ids, max_new_tokens=min(8, first.max_new_tokens), seed=0, **run)
+
+    def one(i: int, repeat: int) -> Timed:
+        p = prompts[i]
+        resident = reset_peak(ctx.device)
+        toks, secs = hf_assisted(
+            target, p.ids, max_new_tokens=p.max_new_tokens, seed=ctx.cfg.seed + i, **run
+        )
+        rise = peak_bytes(ctx.device)[0] - resident
+        return Timed(i, repeat, toks, secs, None, max(rise, 0))
+
+    return Prepared(run=one)

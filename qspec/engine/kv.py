@@ -7,80 +7,21 @@ forward of a given length has the same shapes, it can be compiled (CUDA graphs
 included). DynamicKV wraps transformers' DynamicCache for models the static path cannot
 serve (sliding-window or mixed attention, or an attention kernel without masks).
 
-Both expose the same four things: `length`, `forward(ids)`, `rollback(n)`, `nbytes()`.
+Both expose the same four things: `length`, `forward(ids)`, `rollback(n)`, `nbytes()`. A
+compiled forward (compiled.py) is the caller's choice, passed in; nothing is compiled here.
 """
 
 from __future__ import annotations
 
-import weakref
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, StaticLayer
 
+from qspec.engine.pointer_cache import PointerCache, forward_step
 
-class _PointerLayer(StaticLayer):
-    """A StaticLayer that writes at the positions its cache chose for this forward."""
-
-    def __init__(self, owner: _PointerCache, max_cache_len: int):
-        super().__init__(max_cache_len=max_cache_len)
-        self.owner = owner
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        at = self.owner.write_at
-        self.keys.index_copy_(2, at, key_states)
-        self.values.index_copy_(2, at, value_states)
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.owner.length
-
-
-class _PointerCache(Cache):
-    def __init__(self, n_layers: int, capacity: int):
-        self.length = 0
-        self.write_at: torch.Tensor | None = None
-        super().__init__(layers=[_PointerLayer(self, capacity) for _ in range(n_layers)])
-
-
-def _step(model, cache: _PointerCache, ids: torch.Tensor, pos: torch.Tensor, kv_index, keep=0):
-    """One forward of ids at positions pos; a causal mask over the whole static cache."""
-    mask = (kv_index <= pos.view(-1, 1)).view(1, 1, pos.numel(), kv_index.numel())
-    out = model(
-        input_ids=ids.view(1, -1),
-        position_ids=pos.view(1, -1),
-        attention_mask=mask,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=keep,
-    )
-    return out.logits[0]
-
-
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def compiled_step(model):
-    """torch.compile of one forward, per model; shapes are fixed per input length.
-
-    On CUDA "reduce-overhead" mode captures CUDA graphs (the KV tensors have static
-    addresses, marked by transformers' StaticLayer); on CPU it is plain inductor.
-    """
-    if model not in _COMPILED:
-        # one graph per input length and cache size: a gamma sweep needs more than the default 8
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        cuda = next(model.parameters()).device.type == "cuda"
-        mode = "reduce-overhead" if cuda else "default"
-        _COMPILED[model] = torch.compile(_step, mode=mode, dynamic=False)
-    return _COMPILED[model]
-
-
-# Compiled caches are kept per (model, slot) and reused: the same shapes and the same
-# addresses let every generation replay the graphs already compiled and captured.
-_POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-CAPACITY_STEP = 256  # compiled caches grow in steps, so prompts of other lengths share graphs
+if TYPE_CHECKING:
+    from qspec.engine.compiled import Compiled
 
 
 def static_supported(model) -> str | None:
@@ -102,12 +43,14 @@ class StaticKV:
 
     path = "static"
 
-    def __init__(self, model, capacity: int, compile: bool = False, slot: str = "target"):
+    def __init__(
+        self, model, capacity: int, compiled: Compiled | None = None, slot: str = "target"
+    ):
         self.model = model
-        self.step = compiled_step(model) if compile else _step
-        if compile:
-            capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
-            pooled = _POOL.get(model, {}).get(slot)
+        self.step = compiled.step if compiled is not None else forward_step
+        if compiled is not None:
+            capacity = compiled.capacity(capacity)
+            pooled = compiled.pool.get(slot)
             if pooled is not None and pooled.capacity >= capacity:
                 self.capacity, self.cache, self.positions = (
                     pooled.capacity,
@@ -119,10 +62,10 @@ class StaticKV:
         self.capacity = capacity
         device = next(model.parameters()).device
         cfg = model.config.get_text_config(decoder=True)
-        self.cache = _PointerCache(cfg.num_hidden_layers, capacity)
+        self.cache = PointerCache(cfg.num_hidden_layers, capacity)
         self.positions = torch.arange(capacity, device=device)
-        if compile:
-            _POOL.setdefault(model, {})[slot] = self
+        if compiled is not None:
+            compiled.pool[slot] = self
 
     @property
     def length(self) -> int:
@@ -136,7 +79,7 @@ class StaticKV:
         pos = self.positions[start : start + n]
         self.cache.write_at = pos
         if last_only:  # prefill: lengths vary, so never compiled
-            logits = _step(self.model, self.cache, ids, pos, self.positions, keep=1)
+            logits = forward_step(self.model, self.cache, ids, pos, self.positions, keep=1)
         else:
             logits = self.step(self.model, self.cache, ids, pos, self.positions)
         self.cache.length = start + n
@@ -155,7 +98,7 @@ class DynamicKV:
 
     path = "dynamic"
 
-    def __init__(self, model, capacity: int = 0, compile: bool = False):
+    def __init__(self, model):
         self.model = model
         self.cache = DynamicCache(config=model.config)
 
@@ -181,13 +124,16 @@ class DynamicKV:
         return _layer_bytes(self.cache)
 
 
-def new_kv(model, capacity: int, compile: bool = False, slot: str = "target"):
+KV = StaticKV | DynamicKV
+
+
+def new_kv(model, capacity: int, compiled: Compiled | None = None, slot: str = "target") -> KV:
     """The static cache when the model allows it, else the dynamic one (never compiled).
 
     slot names the cache's user ("target", "draft"): a model drafting for itself needs two.
     """
     if static_supported(model) is None:
-        return StaticKV(model, capacity, compile, slot)
+        return StaticKV(model, capacity, compiled, slot)
     return DynamicKV(model)
 
 

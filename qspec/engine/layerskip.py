@@ -10,13 +10,13 @@ Drafter names (config [draft] precisions):
     skip:3,5,7        the cell's target variant, the listed layers skipped
     skip-search       the skip fraction chosen on the suite corpus (search_skip)
     nf4+skip-50%      the draft model's nf4 variant with layers skipped (any precision works)
+
+measure/skip_search.py picks the layers for skip-search.
 """
 
 from __future__ import annotations
 
 import torch
-
-from qspec.models.precisions import SkipName, parse_skip  # noqa: F401 - the names live there
 
 
 def middle_layers(n_layers: int, fraction: float) -> tuple[int, ...]:
@@ -69,73 +69,3 @@ class LayerSkip(torch.nn.Module):
             return self.base(**kwargs)
         finally:
             decoder.layers = self._full
-
-
-MIN_ALPHA = 0.3  # the search stops removing layers once agreement falls below this
-
-
-@torch.inference_mode()
-def _step_seconds(model, ids: torch.Tensor, width: int, repeats: int = 5) -> float:
-    """Median time of one forward of `width` tokens after a short prefix, through the engine's cache."""
-    import statistics
-    import time
-
-    from qspec.engine.kv import new_kv
-    from qspec.engine.loop import sync
-
-    kv = new_kv(model, ids.numel() + width + 1)
-    kv.forward(ids[:-width], last_only=True)
-    times = []
-    for _ in range(repeats + 1):
-        kv.rollback(ids.numel() - width)
-        sync(ids.device)
-        t = time.perf_counter()
-        kv.forward(ids[-width:])
-        sync(ids.device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:])
-
-
-@torch.inference_mode()
-def search_skip(model, ids: torch.Tensor, gamma: int, max_skipped: int | None = None) -> dict:
-    """Pick the layers to skip by predicted speedup on this text, in the spirit of Draft &
-    Verify's offline search (a greedy search here, not their Bayesian one).
-
-    Each round removes the layer whose removal keeps the teacher-forced top-1 agreement
-    (alpha) with the full model highest, then measures the one-token step time of that
-    draft against the full model's (c); with v = a (gamma+1)-token verify / a one-token step,
-    the predicted speedup is tau(alpha, gamma) / (gamma c + v). The best round wins.
-    """
-    from qspec.measure.acceptance import expected_tau
-
-    n_layers = len(decoder_layers(model))
-    max_skipped = n_layers // 2 if max_skipped is None else max_skipped
-    full = model(input_ids=ids.view(1, -1), use_cache=False).logits[0].argmax(-1)
-    base = _step_seconds(model, ids[:64], 1)
-    v = _step_seconds(model, ids[:64], gamma + 1) / base
-
-    def agreement(skip: tuple[int, ...]) -> float:
-        logits = LayerSkip(model, skip)(input_ids=ids.view(1, -1), use_cache=False).logits[0]
-        return float((logits.argmax(-1) == full).float().mean())
-
-    skip: tuple[int, ...] = ()
-    rows = []
-    while len(skip) < min(max_skipped, n_layers - 1):
-        options = [tuple(sorted((*skip, i))) for i in range(n_layers) if i not in skip]
-        alpha, skip = max((agreement(o), o) for o in options)
-        if alpha < MIN_ALPHA:
-            break
-        c = _step_seconds(LayerSkip(model, skip), ids[:64], 1) / base
-        speedup = expected_tau(alpha, gamma) / (gamma * c + v)
-        rows.append(
-            {"skip": list(skip), "alpha": alpha, "cost_ratio": c, "speedup_predicted": speedup}
-        )
-    best = max(rows, key=lambda r: r["speedup_predicted"], default=None)
-    return {
-        "skip": best["skip"] if best else [],
-        "alpha": best["alpha"] if best else None,
-        "speedup_predicted": best["speedup_predicted"] if best else None,
-        "verify_cost_ratio": v,
-        "positions": ids.numel() - 1,
-        "rounds": rows,
-    }

@@ -1,27 +1,29 @@
 """The speculative decoding loop under measurement.
 
-The prefill of the prompt gives the first token. Then each step: the drafter proposes
-up to gamma tokens, the target scores the last emitted token plus all drafts in ONE
-forward pass, the longest acceptable prefix is kept, and one more token comes from the
-target (the correction after a rejection, or the bonus token when every draft was
-accepted). Both KV caches then roll back to exactly the emitted prefix. gamma = 0 (or
-no drafter) is plain autoregressive decoding through the same code, which makes it the
-fair baseline.
+The prefill of the prompt gives the first token. Then each step: the drafter proposes up to a
+budget of tokens, the target scores the last emitted token plus all drafts in ONE forward
+pass, the longest acceptable prefix is kept (accept.py), and one more token comes from the
+target (the correction after a rejection, or the bonus token when every draft was accepted).
+Both KV caches then roll back to exactly the emitted prefix. No drafter is plain
+autoregressive decoding through the same code, which makes it the fair baseline.
 
-Sampling follows Leviathan et al. (2023), "Fast Inference from Transformers via
-Speculative Decoding": accept draft x with probability min(1, p(x)/q(x)); on
-rejection draw from norm(max(0, p - q)). The output distribution is then exactly p.
+The hot loop allocates no per-token Python state on the device side: tokens live in one
+pre-allocated buffer, the caches roll back by moving a pointer, and the only host
+synchronisation per step is the single transfer of (n accepted, emitted tokens).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from qspec.engine.kv import new_kv
+from qspec.engine.accept import AcceptRule, accept_greedy, accept_sample
+from qspec.engine.compiled import Compiled
+from qspec.engine.draft_length import PLAIN, DraftLength
+from qspec.engine.drafters import Drafter
+from qspec.engine.kv import KV, new_kv
 from qspec.engine.sampling import GREEDY, Sampler
 
 
@@ -48,109 +50,32 @@ class Generation:
     kv_path: str = ""  # "static" (pre-allocated, pointer rollback) or "dynamic"
 
 
+@dataclass
+class Sequence:
+    """One generation in flight: ids[:length] is prompt + emitted; the target's cache holds
+    length - 1 of them (the last emitted token is fed with the next step's drafts)."""
+
+    ids: torch.Tensor  # pre-allocated to the caches' capacity
+    length: int
+    history: list[int]  # the same tokens on the host, for drafters that work on lists
+    kv: KV
+    drafter: Drafter | None
+    verify_width: int | None  # compiled static verify: always this many tokens (one shape)
+    started: float  # perf_counter() when the prefill began
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def accept_greedy(target_logits, draft_ids, draft_probs, sampler, generator):
-    """Accept while each draft equals the target's argmax; the argmaxes are also the emitted tokens.
-
-    Returns (n, out) as device tensors: n accepted drafts, and out whose first n + 1 entries
-    are the tokens this step emits (accepted drafts, then the target's own token).
-    """
-    best = target_logits.argmax(-1)
-    k = draft_ids.numel()
-    n = (best[:k] == draft_ids).int().cumprod(0).sum()
-    return n, best
-
-
-def accept_sample(target_logits, draft_ids, draft_probs, sampler, generator):
-    """Leviathan rejection sampling on the device; draft_probs None means a one-hot draft."""
-    p = sampler.probs(target_logits)  # (k+1, V)
-    k, vocab = draft_ids.numel(), p.shape[-1]
-    if draft_probs is None:
-        q = torch.nn.functional.one_hot(draft_ids, vocab).to(p.dtype)
-    else:
-        q = draft_probs.to(p.dtype)
-    p_d = p[:k].gather(1, draft_ids.view(-1, 1)).squeeze(1)
-    q_d = q.gather(1, draft_ids.view(-1, 1)).squeeze(1)
-    r = torch.rand(k, device=p.device, generator=generator)
-    n = (r * q_d <= p_d).int().cumprod(0).sum()
-    # Row n of max(0, p - q); row k (every draft accepted) is p itself, the bonus token.
-    residual = (p - torch.cat([q, q.new_zeros(1, vocab)])).clamp_min(0)
-    row = residual.index_select(0, n.view(1))[0]
-    total = row.sum()
-    # p == q exactly makes the rejection impossible, so that row is never drawn from; keep p there.
-    row = torch.where(total > 0, row / total, p.index_select(0, n.view(1))[0])
-    nxt = torch.multinomial(row, 1, generator=generator)
-    out = torch.cat([draft_ids, nxt])
-    out.index_copy_(0, n.view(1), nxt)
-    return n, out
-
-
-AcceptRule = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-# How many tokens to draft each step (DraftLength in the config):
-#   fixed       gamma every step
-#   confidence  up to gamma, stopping at the first draft token whose probability under the
-#               draft is below the threshold (transformers' dynamic schedule uses 0.4)
-#   heuristic   start at gamma; +2 after a step that accepted every draft, -1 otherwise
-#               (transformers' "heuristic" schedule), between 1 and 2 * gamma
-LENGTHS = ("fixed", "confidence", "heuristic")
-
-
-def max_drafts(draft_length: str, gamma: int) -> int:
-    return 2 * gamma if draft_length == "heuristic" else gamma
-
-
-def next_budget(draft_length: str, budget: int, gamma: int, drafted: int, accepted: int) -> int:
-    """The next step's draft budget under the heuristic schedule; the others keep gamma."""
-    if draft_length != "heuristic" or drafted == 0:
-        return budget
-    if accepted == drafted == budget:
-        return min(budget + 2, max_drafts(draft_length, gamma))
-    return max(budget - 1, 1)
-
-
-@torch.inference_mode()
-def generate(
-    target: torch.nn.Module,
-    prompt: torch.Tensor,
-    *,
-    drafter=None,
-    gamma: int = 0,
-    sampler: Sampler = GREEDY,
-    max_new_tokens: int = 64,
-    eos_ids: frozenset[int] = frozenset(),
-    generator: torch.Generator | None = None,
-    accept: AcceptRule | None = None,
-    compile: bool = False,
-    capacity: int = 0,
-    draft_length: str = "fixed",
-    threshold: float = 0.4,
-) -> Generation:
-    """Generate up to max_new_tokens after a 1-D prompt, speculatively when a drafter is given.
-
-    The hot loop allocates no per-token Python state on the device side: tokens live in one
-    pre-allocated buffer, the caches roll back by moving a pointer, and the only host
-    synchronisation per step is the single transfer of (n accepted, emitted tokens).
-    capacity sizes the caches when it exceeds what this call needs: a compiled run passes
-    the largest over its prompts, so every generation has the same shapes (no recompiles).
-    """
-    device = prompt.device
-    accept = accept or (accept_greedy if sampler.greedy else accept_sample)
-    if drafter is None:
-        gamma = 0
-    n_prompt = prompt.numel()
-    widest = max_drafts(draft_length, gamma)
-    capacity = max(capacity, n_prompt + max_new_tokens + widest + 1)
-    history = prompt.tolist()  # host copy, for drafters that work on token lists
+def prefill(target, prompt, drafter, capacity: int, compiled, sampler, generator, width: int):
+    """The prompt through the target (its last logits give the first token), then through the
+    drafter with that token; returns (Sequence, Generation with the prefill timed)."""
+    device, n_prompt = prompt.device, prompt.numel()
     sync(device)
     start = time.perf_counter()
-    kv = new_kv(target, capacity, compile)
-    # compiled verify steps keep one shape: always gamma + 1 tokens, the tail past the drafts ignored
-    fixed = compile and kv.path == "static"
+    kv = new_kv(target, capacity, compiled)
     ids = torch.zeros(capacity, dtype=prompt.dtype, device=device)  # zeros: valid padding ids
     ids[:n_prompt] = prompt
     first = sampler.pick(kv.forward(prompt, last_only=True)[-1], generator)
@@ -159,51 +84,98 @@ def generate(
     prefill_s = time.perf_counter() - start
     gen = Generation(n_prompt, [first], prefill_s=prefill_s, ttft_s=prefill_s, kv_path=kv.path)
     if drafter is not None:  # timed apart, so it inflates neither TTFT nor the first step's draft
-        drafter.prefill(ids[: n_prompt + 1], capacity, compile)
+        drafter.prefill(ids[: n_prompt + 1], capacity)
         sync(device)
         gen.draft_prefill_s = time.perf_counter() - start - prefill_s
-    history.append(first)
-    length = n_prompt + 1  # ids[:length] is prompt + emitted; the target cache holds length - 1
-    stop = first in eos_ids
-    schedule = gamma
-    stop_below = threshold if draft_length == "confidence" else None
+    fixed = width if compiled is not None and kv.path == "static" else None
+    seq = Sequence(ids, n_prompt + 1, prompt.tolist() + [first], kv, drafter, fixed, start)
+    return seq, gen
+
+
+def speculative_step(seq: Sequence, budget: int, stop_below, sampler, generator, accept):
+    """Draft up to `budget` tokens, verify them in one target forward, keep what is accepted.
+
+    Returns (drafted, accepted, emitted tokens, draft seconds, verify seconds).
+    """
+    device = seq.ids.device
+    t0 = time.perf_counter()
+    draft_ids, draft_probs = seq.ids[:0], None
+    if budget > 0:
+        tokens = seq.ids[: seq.length]
+        draft_ids, draft_probs = seq.drafter.propose(
+            tokens, budget, sampler, generator, seq.history, stop_below
+        )
+    k, start = draft_ids.numel(), seq.length
+    seq.ids[start : start + k] = draft_ids
+    sync(device)
+    t1 = time.perf_counter()
+    width = seq.verify_width if seq.verify_width is not None else k
+    logits = seq.kv.forward(seq.ids[start - 1 : start + width])[: k + 1]
+    n_dev, out = accept(logits, draft_ids, draft_probs, sampler, generator)
+    host = torch.cat([n_dev.view(1), out[: k + 1]]).tolist()  # the step's one sync
+    n, emitted = host[0], host[1 : host[0] + 2]
+    seq.ids[start : start + n + 1] = out[: n + 1]
+    seq.kv.rollback(start + n)  # prefix + the last token + the accepted drafts
+    seq.length += n + 1
+    seq.history.extend(emitted)
+    if seq.drafter is not None:
+        seq.drafter.rollback(seq.length - 1)
+    sync(device)
+    return k, n, emitted, t1 - t0, time.perf_counter() - t1
+
+
+def kept_until_eos(k: int, n: int, emitted: list[int], eos_ids) -> tuple[int, int, list[int], bool]:
+    """The step as recorded: what follows an EOS is never kept, and drafts accepted after an EOS
+    among the accepted ones were never needed. Returns (drafted, accepted, emitted, stop)."""
+    hit = next((i for i, t in enumerate(emitted) if t in eos_ids), None)
+    if hit is None:
+        return k, n, emitted, False
+    if hit < n:
+        k = n = hit + 1
+    return k, n, emitted[: hit + 1], True
+
+
+@torch.inference_mode()
+def generate(
+    target: torch.nn.Module,
+    prompt: torch.Tensor,
+    *,
+    drafter: Drafter | None = None,
+    length: DraftLength = PLAIN,
+    sampler: Sampler = GREEDY,
+    max_new_tokens: int = 64,
+    eos_ids: frozenset[int] = frozenset(),
+    generator: torch.Generator | None = None,
+    accept: AcceptRule | None = None,
+    compiled: Compiled | None = None,
+    capacity: int = 0,
+) -> Generation:
+    """Generate up to max_new_tokens after a 1-D prompt, speculatively when a drafter is given.
+
+    `length` says how many drafts each step asks for (gamma and its schedule); `compiled` is the
+    caller's compiled target step (None: eager). capacity sizes the caches when it exceeds what
+    this call needs: a compiled run passes the largest over its prompts, so every generation
+    has the same shapes (no recompiles).
+    """
+    accept = accept or (accept_greedy if sampler.greedy else accept_sample)
+    if drafter is None:
+        length = PLAIN
+    capacity = max(capacity, prompt.numel() + max_new_tokens + length.widest + 1)
+    seq, gen = prefill(
+        target, prompt, drafter, capacity, compiled, sampler, generator, length.widest + 1
+    )
+    stop, budget = gen.tokens[0] in eos_ids, length.gamma
     while not stop and len(gen.tokens) < max_new_tokens:
-        t0 = time.perf_counter()
-        budget = min(schedule, max_new_tokens - len(gen.tokens) - 1)
-        draft_ids, draft_probs = ids[:0], None
-        if budget > 0:
-            draft_ids, draft_probs = drafter.propose(
-                ids[:length], budget, sampler, generator, history=history, stop_below=stop_below
-            )
-        k = draft_ids.numel()
-        ids[length : length + k] = draft_ids
-        sync(device)
-        t1 = time.perf_counter()
-        width = widest if fixed else k
-        logits = kv.forward(ids[length - 1 : length + width])[: k + 1]
-        n_dev, out = accept(logits, draft_ids, draft_probs, sampler, generator)
-        host = torch.cat([n_dev.view(1), out[: k + 1]]).tolist()  # the step's one sync
-        n = host[0]
-        emitted = host[1 : n + 2]
-        ids[length : length + n + 1] = out[: n + 1]
-        kv.rollback(length + n)  # prefix + the last token + the accepted drafts
-        length += n + 1
-        history.extend(emitted)
-        if drafter is not None:
-            drafter.rollback(length - 1)
-        sync(device)
-        t2 = time.perf_counter()
-        hit = next((i for i, t in enumerate(emitted) if t in eos_ids), None)
-        if hit is not None:  # the step's record counts only what is kept
-            emitted = emitted[: hit + 1]
-            if hit < n:  # EOS among the accepted drafts: those after it were never needed
-                k = n = hit + 1
-            stop = True
-        gen.steps.append(Step(k, n, len(emitted), t1 - t0, t2 - t1))
+        asked = min(budget, max_new_tokens - len(gen.tokens) - 1)
+        k, n, emitted, draft_s, verify_s = speculative_step(
+            seq, asked, length.stop_below, sampler, generator, accept
+        )
+        k, n, emitted, stop = kept_until_eos(k, n, emitted, eos_ids)
+        gen.steps.append(Step(k, n, len(emitted), draft_s, verify_s))
         gen.tokens.extend(emitted)
-        schedule = next_budget(draft_length, schedule, gamma, k, n)
-    gen.total_s = time.perf_counter() - start
-    gen.target_kv_bytes = kv.nbytes()
-    draft_kv = getattr(drafter, "kv", None)
+        budget = length.next(budget, k, n)
+    gen.total_s = time.perf_counter() - seq.started
+    gen.target_kv_bytes = seq.kv.nbytes()
+    draft_kv = drafter.kv if drafter is not None else None
     gen.draft_kv_bytes = draft_kv.nbytes() if draft_kv is not None else 0
     return gen

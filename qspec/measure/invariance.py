@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from qspec.engine.kv import new_kv
+from qspec.records import Divergence, Invariance
 
 PREFIX = 16  # tokens prefilled before the compared positions; identical in both paths
 
@@ -23,7 +24,7 @@ def _margin(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def batch_invariance(model, ids: torch.Tensor, k: int, *, max_positions: int = 256) -> dict:
+def batch_invariance(model, ids: torch.Tensor, k: int, *, max_positions: int = 256) -> Invariance:
     """Compare one-token decoding with k-token forwards over the same positions of `ids`.
 
     Both paths prefill the same prefix through a fresh cache from new_kv (as the engine's
@@ -58,20 +59,20 @@ def batch_invariance(model, ids: torch.Tensor, k: int, *, max_positions: int = 2
             flips += int(flipped.sum())
             worst = _margin(a[flipped]).max().item()
             flip_margin = worst if flip_margin is None else max(flip_margin, worst)
-    return {
-        "positions": n,
-        "k": k,
-        "max_abs_logit_diff": max_diff,
-        "argmax_flips": flips,
-        "argmax_flips_per_1000": 1000 * flips / n,
-        "max_flip_margin": flip_margin,
-        "batch_invariant": flips == 0,
-        "method": (
+    return Invariance(
+        positions=n,
+        k=k,
+        max_abs_logit_diff=max_diff,
+        argmax_flips=flips,
+        argmax_flips_per_1000=1000 * flips / n,
+        max_flip_margin=flip_margin,
+        batch_invariant=flips == 0,
+        method=(
             f"teacher-forced logits at {n} positions after a {prefix}-token prefill, one token "
             f"per forward vs {k} tokens per forward, each through its own engine KV cache; "
             "invariant = argmax never flips"
         ),
-    }
+    )
 
 
 def first_mismatch(a: list[int], b: list[int]) -> int | None:
@@ -84,8 +85,12 @@ def first_mismatch(a: list[int], b: list[int]) -> int | None:
 
 @torch.inference_mode()
 def divergence(
-    target_tokens: list[int], speculative_tokens: list[int], model, prompt: torch.Tensor
-) -> dict | None:
+    target_tokens: list[int],
+    speculative_tokens: list[int],
+    model,
+    prompt: torch.Tensor,
+    id: str = "",
+) -> Divergence | None:
     """Where greedy speculative output first leaves target-only output, and how close a call
     the target's own choice was there, so a near-tie is told apart from a real fault.
 
@@ -101,11 +106,12 @@ def divergence(
     ctx = torch.cat([prompt, ctx]).to(next(model.parameters()).device)
     logits = new_kv(model, ctx.numel()).forward(ctx, last_only=True)[-1].float()
     spec = speculative_tokens[i] if i < len(speculative_tokens) else None
-    return {
-        "position": i,
-        "target_token": target_tokens[i] if i < len(target_tokens) else None,
-        "speculative_token": spec,
-        "top1_top2_margin": _margin(logits).item(),
+    return Divergence(
+        id=id,
+        position=i,
+        target_token=target_tokens[i] if i < len(target_tokens) else None,
+        speculative_token=spec,
+        top1_top2_margin=_margin(logits).item(),
         # how far below the target's top-1 the speculative token was (== margin when top-2)
-        "speculative_gap": (logits.max() - logits[spec]).item() if spec is not None else None,
-    }
+        speculative_gap=(logits.max() - logits[spec]).item() if spec is not None else None,
+    )

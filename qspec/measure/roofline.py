@@ -14,7 +14,7 @@ import time
 import torch
 
 from qspec.engine.loop import sync
-from qspec.measure.acceptance import percentile
+from qspec.measure.stats import percentile
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, samples: int = 7) -> dict:

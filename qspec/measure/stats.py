@@ -126,3 +126,26 @@ def paired_delta(
         "sign_test_p": p,
         "significant_drop": None if higher_is_better is None else drop,
     }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100); None for no data."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def spread_of(values: list[float | None]) -> dict | None:
+    """p10/p50/p90 across requests (prompts): how much one request's figure can differ."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None
+    return {
+        "p10": percentile(xs, 10),
+        "p50": percentile(xs, 50),
+        "p90": percentile(xs, 90),
+        "n": len(xs),
+    }

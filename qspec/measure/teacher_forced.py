@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from qspec.engine.sampling import Sampler
-from qspec.measure.stats import Z95, wilson
+from qspec.measure.prediction import agreement, overlap
+from qspec.measure.stats import Z95, mean_se, wilson
 
 ROW_CHUNK = 128  # positions per statistics chunk: bounds the float32 (rows, vocab) temporaries
 
@@ -94,12 +95,7 @@ def _cat(xs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _mean_se(x: torch.Tensor) -> tuple[float | None, float | None]:
-    n = x.numel()
-    if n == 0:
-        return None, None
-    mean = x.double().mean().item()
-    se = x.double().std().item() / math.sqrt(n) if n > 1 else None
-    return mean, se
+    return mean_se(x.double().tolist())
 
 
 def _paired_ln_ratio(nll, ref_nll) -> dict:
@@ -176,27 +172,15 @@ def quality_pass(
     argmax. Models whose vocabularies differ in size are compared on the shared prefix of the
     vocabulary (the extra rows are padding in the families that do this).
     """
-    if reference not in models:
-        raise ValueError(f"reference {reference!r} is not one of the models {sorted(models)}")
-    for t, d in pairs:
-        if t not in models or d not in models:
-            raise ValueError(f"pair {(t, d)} names a variant that is not loaded")
-    if window < 2:
-        raise ValueError("window must hold at least 2 tokens")
-    limits = [c for c in (_context_limit(m) for m in models.values()) if c]
-    window = min([window, *limits])
-    # stride == window would leave the first target of a window with no context at all.
-    stride = max(1, min(stride, window - 1))
+    window, stride = _checked(models, reference, pairs, window, stride)
     sampled = dataclasses.replace(sample, greedy=False)
-    names = list(models)
-
     docs = [torch.as_tensor(d, dtype=torch.long).view(-1) for d in token_ids]
     plan = [(i, w) for i, d in enumerate(docs) for w in windows_for(d.numel(), window, stride)]
     total = sum(end - first for _, (_, first, end) in plan)
     if max_tokens is not None:
         total = min(total, max_tokens)
 
-    per_var = {v: {"nll": [], "kl": [], "top1": [], "dp": []} for v in names}
+    per_var = {v: {"nll": [], "kl": [], "top1": [], "dp": []} for v in models}
     per_pair = {p: {"greedy": [], "sample": []} for p in pairs}
     scored = n_windows = 0
     for doc_i, (begin, first, end) in plan:
@@ -219,24 +203,44 @@ def quality_pass(
         n_windows += 1
         if progress is not None:
             progress(scored, total)
+    variants, pair_out = _summaries(per_var, per_pair, reference)
+    return QualityResult(variants=variants, pairs=pair_out, tokens=scored, windows=n_windows)
 
+
+def _checked(models, reference, pairs, window: int, stride: int) -> tuple[int, int]:
+    """The window and stride to use, after checking the inputs name what is loaded."""
+    if reference not in models:
+        raise ValueError(f"reference {reference!r} is not one of the models {sorted(models)}")
+    for t, d in pairs:
+        if t not in models or d not in models:
+            raise ValueError(f"pair {(t, d)} names a variant that is not loaded")
+    if window < 2:
+        raise ValueError("window must hold at least 2 tokens")
+    limits = [c for c in (_context_limit(m) for m in models.values()) if c]
+    window = min([window, *limits])
+    # stride == window would leave the first target of a window with no context at all.
+    return window, max(1, min(stride, window - 1))
+
+
+def _summaries(per_var: dict, per_pair: dict, reference: str) -> tuple[dict, dict]:
+    """Per-variant and per-pair figures from the per-position scalars."""
     ref_nll = _cat(per_var[reference]["nll"])
     variants = {
         v: _variant_summary(*(_cat(s[k]) for k in ("nll", "kl", "top1", "dp")), ref_nll)
         for v, s in per_var.items()
     }
-    pair_out = {}
+    pairs = {}
     for p, s in per_pair.items():
         g_mean, g_se = _mean_se(_cat(s["greedy"]))
         s_mean, s_se = _mean_se(_cat(s["sample"]))
-        pair_out[p] = {
+        pairs[p] = {
             "alpha_predicted_greedy": g_mean,
             "alpha_predicted_greedy_se": g_se,
             "alpha_predicted_sample": s_mean,
             "alpha_predicted_sample_se": s_se,
             "positions": _cat(s["greedy"]).numel(),
         }
-    return QualityResult(variants=variants, pairs=pair_out, tokens=scored, windows=n_windows)
+    return variants, pairs
 
 
 def _chunk_stats(logits, reference, targets, pairs, sampled, per_var, per_pair) -> None:
@@ -255,10 +259,10 @@ def _chunk_stats(logits, reference, targets, pairs, sampled, per_var, per_pair) 
         s["kl"].append(kl.clamp_min(0).cpu())
         s["top1"].append((top[v] == top[reference]).float().cpu())
         s["dp"].append((true_lp.exp() - ref_true).cpu())
-    # predict.beta's two formulas, on transformed distributions computed once per variant
+    # prediction.beta's two formulas, on transformed distributions computed once per variant
     # rather than once per pair (top-p sorts the vocabulary).
     paired = {v for pair in pairs for v in pair}
     probs = {v: sampled.probs(logits[v]) for v in paired}
     for t, d in pairs:
-        per_pair[(t, d)]["greedy"].append((top[t] == top[d]).float().cpu())
-        per_pair[(t, d)]["sample"].append(torch.minimum(probs[t], probs[d]).sum(-1).cpu())
+        per_pair[(t, d)]["greedy"].append(agreement(top[t], top[d]).cpu())
+        per_pair[(t, d)]["sample"].append(overlap(probs[t], probs[d]).cpu())

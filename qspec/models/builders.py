@@ -70,7 +70,7 @@ def build_int8(ctx: BuildContext):
 def build_int8_t0(ctx: BuildContext):
     """LLM.int8 without outlier decomposition (threshold 0): each matmul row is quantized on
     its own, where threshold 6 takes outlier columns from every row of the batch. The model
-    can still fail batch invariance (invariance.py measures it): rounding activations to int8
+    can still fail batch invariance (measure/invariance.py measures it): rounding activations to int8
     can turn the attention's ~1e-6 shape-dependent noise into a visible jump."""
     from transformers import BitsAndBytesConfig
 
@@ -114,14 +114,36 @@ def build_gptq_int4(ctx: BuildContext):
     tok = AutoTokenizer.from_pretrained(ctx.location, trust_remote_code=ctx.trust_remote_code)
     quant = GPTQConfig(bits=4, group_size=group, dataset=ctx.calibration_texts, tokenizer=tok)
     model = _load(ctx, quantization_config=quant, dtype=_compute_dtype(ctx))
+    _drop_calibration_text(model)
     with cache.atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        source = {"model": ctx.location, "bits": 4, "group_size": group, "calibration": key}
-        (tmp / "qspec-source.json").write_text(json.dumps(source))
+        source = {"model": ctx.location, "bits": 4, "group_size": group, "key": key}
+        calibration = calibration_summary(ctx.calibration_texts)
+        (tmp / "qspec-source.json").write_text(json.dumps({**source, "calibration": calibration}))
     cache.touch(out)
     cache.enforce_limit(keep=out)
     return model
+
+
+def calibration_summary(texts: list[str]) -> dict:
+    """Which calibration text a build saw, without the text: its hash and size."""
+    joined = "\n\n".join(texts)
+    return {
+        "sha256": hashlib.sha256(joined.encode()).hexdigest(),
+        "documents": len(texts),
+        "characters": len(joined),
+    }
+
+
+def _drop_calibration_text(model) -> None:
+    """GPTQConfig keeps the calibration texts as its `dataset`, which save_pretrained would
+    write into config.json; the source file records their hash and size instead."""
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(quant, dict):
+        quant["dataset"] = None
+    elif quant is not None:
+        quant.dataset = None
 
 
 def _gptq_group_size(ctx: BuildContext) -> int:

@@ -1,6 +1,6 @@
 """The names a config may use for precisions and drafters, without importing torch.
 
-The builders behind them live in variants.py (PRECISIONS) and drafters.py
+The builders behind them live in builders.py (PRECISIONS) and engine/drafters.py
 (MODEL_FREE_DRAFTERS); a test keeps the three lists in step.
 """
 
@@ -36,7 +36,7 @@ def reference_precision(precisions: list[str], device: str) -> str:
     return max(precisions, key=lambda p: FIDELITY.get(p, 0))
 
 
-# Layer-skip self-drafts (layerskip.py): skip-50%, skip:3,5,7, skip-search, nf4+skip-50%
+# Layer-skip self-drafts (engine/layerskip.py): skip-50%, skip:3,5,7, skip-search, nf4+skip-50%
 _SKIP = re.compile(
     r"^(?:(?P<precision>[\w-]+?)\+)?skip"
     r"(?:-(?P<pct>\d{1,2})%|:(?P<layers>\d+(?:,\d+)*)|(?P<search>-search))$"

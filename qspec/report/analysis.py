@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from qspec.engine.draft_length import DRAFT_LENGTHS
 from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES
 from qspec.records import (
     GENERATION_KINDS,
@@ -178,7 +179,7 @@ class Run:
             pos(list(GENERATION_KINDS), c.kind),
             -1 if c.draft is None else pos(self.drafts, c.draft),
             c.gamma,
-            pos(["fixed", "confidence", "heuristic"], c.draft_length),
+            pos(list(DRAFT_LENGTHS), c.draft_length),
         )
 
     def multi_suite(self) -> bool:

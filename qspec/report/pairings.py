@@ -115,6 +115,13 @@ def _by_speed(p: Pairing) -> tuple:
     return (-(p.tokens_per_s if p.tokens_per_s is not None else -1e18), p.label)
 
 
+def _label(target, draft, skip, gamma: int, mode: str, length: str) -> str:
+    if draft is None:
+        return f"{target} alone, {mode}"
+    label = f"{target} + {draft_name(draft, skip)} γ={gamma} {mode}"
+    return label if length == "fixed" else f"{label} ({length} draft length)"
+
+
 def _pairing(
     run: Run,
     target: str,
@@ -139,12 +146,6 @@ def _pairing(
         reasons.append("output not lossless (see the warning above)")
     one = cs[0] if len(cs) == 1 else None
     skip = cs[0].draft_skip
-    if is_alone:
-        label = f"{target} alone, {mode}"
-    else:
-        label = f"{target} + {draft_name(draft, skip)} γ={gamma} {mode}"
-        if length != "fixed":
-            label += f" ({length} draft length)"
     lossless = None
     if not is_alone:
         lossless = False if changed else (True if all(c.lossless is True for c in cs) else None)
@@ -153,7 +154,7 @@ def _pairing(
         draft=draft,
         gamma=gamma,
         mode=mode,
-        label=label,
+        label=_label(target, draft, skip, gamma, mode, length),
         speedup=speedup,
         tokens_per_s=tps,
         weights=run.weights_total(cs[0]),

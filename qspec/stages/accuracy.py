@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from qspec.plan import key_of_record, key_of_stage
-from qspec.records import Kind, Record, TaskLosslessRecord, TaskRecord
-from qspec.stages.context import RunContext, Skip
-from qspec.suites.task_yaml import task_config
+from qspec.plan import key_of_record, key_of_stage, lossless_pairs
+from qspec.records import Kind, Record, Skip, TaskLosslessRecord, TaskRecord
+from qspec.stages.context import RunContext
 
 
 def task_stage(ctx: RunContext, progress) -> Iterator[Record]:
@@ -34,85 +33,73 @@ def _accuracy(ctx: RunContext, suite, precision: str, progress) -> Iterator[Task
     )
     if ctx.finished.stage(stage_key):
         return
+    where = dict(suite=suite.name, variant=precision, task="*")
     try:
         model = ctx.models.model("target", precision)
         with progress.task(f"tasks {suite.name} {precision}", total=1) as advance:
             advance("lm-eval")
             try:
-                results = run_tasks(
+                records = run_tasks(
                     model,
                     ctx.models.tokenizer,
                     suite,
                     ctx.work_dir,
                     limit=ctx.cfg.tasks.limit,
                     seed=ctx.cfg.seed,
+                    variant=precision,
                 )
             except Exception as err:  # noqa: BLE001
-                results = [
-                    {"task": "*", "status": "failed", "error": f"{type(err).__name__}: {err}"}
+                records = [
+                    TaskRecord(**where, status="failed", error=f"{type(err).__name__}: {err}")
                 ]
     except Skip as skip:
-        results = [{"task": "*", "status": skip.status, "error": skip.reason}]
-    for fields in results:
-        rec = TaskRecord(suite=suite.name, variant=precision, **fields)
+        records = [TaskRecord(**where, status=skip.status, error=skip.reason)]
+    for rec in records:
         rec.stage_key = stage_key
         rec.key = key_of_record(stage_key, rec)
         yield rec
 
 
 def lossless_checks(ctx: RunContext, suite, progress) -> Iterator[TaskLosslessRecord]:
-    from qspec.lmeval.harness import lossless_check
+    from qspec.lmeval.lossless import lossless_check
 
     cfg = ctx.cfg
-    if cfg.tasks.lossless_check == "none":
-        return
-    task = generative_task(suite)
-    if task is None:
-        return
-    targets = cfg.target.precisions if cfg.tasks.lossless_check == "all" else [ctx.reference]
-    gamma = max(cfg.gammas)
-    for target in filter(ctx.works_on, targets):
+    plan = suite.plan()
+    task, gamma = plan.generative_task, max(cfg.gammas)
+    for target, draft in lossless_pairs(cfg, plan, ctx.device.type):
+        if not ctx.works_on(target):
+            continue
         try:
             model = ctx.models.model("target", target)
         except Skip:
             continue
-        for draft in cfg.draft.precisions:
-            coords = dict(suite=suite.name, target=target, draft=draft, gamma=gamma)
-            key = key_of_stage(Kind.TASK_LOSSLESS, cfg, ctx.device.type, ctx.versions, **coords)
-            if ctx.finished.stage(key):
-                continue
-            rec = TaskLosslessRecord(key=key, task=task, **coords)
-            try:
-                ctx.models.drafter(draft, target)
-            except Skip as skip:
-                yield rec.model_copy(update={"status": skip.status, "error": skip.reason})
-                continue
-            with progress.task(f"lossless {suite.name} {target}/{draft}", total=1) as advance:
-                advance(task)
-                try:
-                    fields = lossless_check(
-                        model,
-                        ctx.models.tokenizer,
-                        suite,
-                        ctx.work_dir,
-                        drafter_factory=lambda d=draft, t=target: ctx.models.drafter(d, t),
-                        gamma=gamma,
-                        task=task,
-                        limit=cfg.tasks.limit,
-                        seed=cfg.seed,
-                    )
-                except Exception as err:  # noqa: BLE001
-                    fields = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
-            yield TaskLosslessRecord.model_validate({**rec.model_dump(), **fields})
-
-
-def generative_task(suite) -> str | None:
-    """The first local generate_until task of the suite (multiple choice does not generate)."""
-    for path in suite.task_files:
-        try:
-            conf = task_config(path)
-        except Exception:  # noqa: BLE001
+        coords = dict(suite=suite.name, target=target, draft=draft, gamma=gamma)
+        key = key_of_stage(Kind.TASK_LOSSLESS, cfg, ctx.device.type, ctx.versions, **coords)
+        if ctx.finished.stage(key):
             continue
-        if conf.get("output_type") == "generate_until":
-            return conf.get("task")
-    return None
+        rec = TaskLosslessRecord(key=key, task=task, **coords)
+        try:
+            ctx.models.drafter(draft, target)
+        except Skip as skip:
+            yield rec.model_copy(update={"status": skip.status, "error": skip.reason})
+            continue
+        with progress.task(f"lossless {suite.name} {target}/{draft}", total=1) as advance:
+            advance(task)
+            try:
+                rec = lossless_check(
+                    model,
+                    ctx.models.tokenizer,
+                    suite,
+                    ctx.work_dir,
+                    drafter_factory=lambda d=draft, t=target: ctx.models.drafter(d, t),
+                    gamma=gamma,
+                    task=task,
+                    limit=cfg.tasks.limit,
+                    seed=cfg.seed,
+                    record=rec,
+                )
+            except Exception as err:  # noqa: BLE001
+                rec = rec.model_copy(
+                    update={"status": "failed", "error": f"{type(err).__name__}: {err}"}
+                )
+        yield rec

@@ -8,9 +8,8 @@ import traceback
 from collections.abc import Iterator
 
 from qspec.measure.teacher_forced import tokenize_corpus
-from qspec.models.precisions import draft_variant
-from qspec.plan import key_of_variant
-from qspec.records import VariantRecord
+from qspec.plan import key_of_variant, variant_roles
+from qspec.records import Invariance, VariantRecord
 from qspec.stages.context import RunContext
 
 log = logging.getLogger("qspec")
@@ -19,19 +18,11 @@ INVARIANCE_POSITIONS = 128  # compared positions per variant: a few seconds each
 
 
 def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
-    cfg, models = ctx.cfg, ctx.models
-    roles = [("target", p) for p in dict.fromkeys(cfg.target.precisions + cfg.quality.variants)]
-    drafts = [draft_variant(name) for name in cfg.draft.precisions]
-    roles += [("draft", p) for p in dict.fromkeys(drafts) if p is not None]
-    seen = set()
-    text = None
-    for role, precision in roles:
+    models, text = ctx.models, None
+    for role, _, precision in variant_roles(ctx.cfg):  # a self-draft is the target's variant
         if role in models.errors:
             continue
         ref = models.ref(role)
-        if (ref.ref, precision) in seen:  # a self-draft is the target's own variant
-            continue
-        seen.add((ref.ref, precision))
         built = models.build(role, precision)
         rec = VariantRecord(
             key=key_of_variant(ref.ref, precision, ctx.device.type),
@@ -47,9 +38,9 @@ def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
             text = text if text is not None else _suite_text(ctx)
             rec.batch_invariance = _invariance(ctx, built, text)
             if rec.batch_invariance is not None:
-                rec.batch_invariant = rec.batch_invariance["batch_invariant"]
+                rec.batch_invariant = rec.batch_invariance.batch_invariant
                 ctx.invariance[(ref.ref, precision)] = rec.batch_invariance
-        yield VariantRecord.model_validate(rec.model_dump())
+        yield rec
 
 
 def _suite_text(ctx: RunContext):
@@ -67,7 +58,7 @@ def _suite_text(ctx: RunContext):
     return None
 
 
-def _invariance(ctx: RunContext, built, ids) -> dict | None:
+def _invariance(ctx: RunContext, built, ids) -> Invariance | None:
     """One (gamma+1)-token forward against gamma+1 one-token forwards, as the engine runs them."""
     if ids is None:
         return None

@@ -11,55 +11,44 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from qspec.backends.transformers_peer import hf_assisted
+from qspec.backends import qspec_loop, transformers_peer
+from qspec.backends.interface import Prepared, Timed
 from qspec.engine.layerskip import LayerSkip
-from qspec.engine.loop import Generation, generate, max_drafts
-from qspec.measure.memory import peak_bytes, reset_peak
-from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, draft_variant
-from qspec.plan import Cell, groups, key_of_cell, plan
-from qspec.records import GenerationRecord, Kind
+from qspec.models.precisions import draft_variant
+from qspec.plan import Cell, group_variants, groups, key_of_cell, plan
+from qspec.records import GenerationRecord, Kind, Skip
 from qspec.stages.cell_figures import bare_record, cell_record
-from qspec.stages.context import RunContext, Skip
-from qspec.suites.encoding import EncodedPrompt, encode_prompts, stop_ids
+from qspec.stages.context import RunContext
+from qspec.suites.encoding import EncodedPrompt, encode_prompts
 
 log = logging.getLogger("qspec")
 
-
-@dataclass
-class Timed:
-    """One timed generation of one prompt: what the figures need, engine or transformers."""
-
-    prompt: int  # index into the group's prompts
-    repeat: int
-    tokens: list[int]
-    total_s: float
-    gen: Generation | None = None  # the engine's record; None for transformers' peer
-    memory_rise: int = 0  # bytes above what was resident when it started
+# cell kind -> the backend that runs it: prepare(ctx, cell, target, drafter, prompts) -> Prepared
+BACKENDS = {
+    Kind.TARGET_ONLY: qspec_loop.prepare,
+    Kind.SPECULATIVE: qspec_loop.prepare,
+    Kind.HF_ASSISTED: transformers_peer.prepare,
+}
 
 
 @dataclass
 class CellRun:
-    """A cell being measured: how to generate one prompt, and what it has measured so far."""
+    """A cell being measured: its backend set up, and what it has measured so far."""
 
     cell: Cell
     key: str
-    run: object = None  # callable(prompt, seed) -> Timed, set up by _prepare
+    prepared: Prepared | None = None
     timed: list[Timed] = field(default_factory=list)
     status: str = "ok"
     error: str | None = None
-    compile: bool = False
-    compile_s: float | None = None
-    compile_error: str | None = None
     own_weights: int = 0
     draft_skip: list[int] | None = None  # the layers a layer-skip draft leaves out
-    capacity: int = 0  # the KV caches' size in positions, the same for every prompt of the cell
 
 
 def generation_stage(ctx: RunContext, progress) -> Iterator[GenerationRecord]:
@@ -93,11 +82,8 @@ def generation_stage(ctx: RunContext, progress) -> Iterator[GenerationRecord]:
 def build_group_models(ctx: RunContext, target: str) -> None:
     """Build a target variant and every draft variant its cells use, before any is measured
     (a worker of one group does this first, so its measured peak excludes the builds)."""
-    ctx.models.build("target", target)
-    for name in ctx.cfg.draft.precisions:
-        variant = draft_variant(name)
-        if variant is not None:
-            ctx.models.build("draft", variant)
+    for role, precision in group_variants(ctx.cfg, target):
+        ctx.models.build(role, precision)
 
 
 def measure_group(ctx: RunContext, cells: list[Cell], keys, prompts, advance):
@@ -109,7 +95,7 @@ def measure_group(ctx: RunContext, cells: list[Cell], keys, prompts, advance):
         for i in range(len(prompts)):
             for r in runs:
                 if r.status == "ok":
-                    _guarded(r, lambda r, i, repeat: r.timed.append(r.run(i, repeat)), r, i, repeat)
+                    _guarded(r, _measure, r, i, repeat)
     base = runs[0] if runs[0].cell.kind == Kind.TARGET_ONLY else None
     spec = {
         (r.cell.draft, r.cell.gamma): r
@@ -144,8 +130,12 @@ def _guarded(r: CellRun, work, *args) -> None:
         r.timed.clear()
 
 
+def _measure(r: CellRun, i: int, repeat: int) -> None:
+    r.timed.append(r.prepared.run(i, repeat))
+
+
 def _prepare(ctx: RunContext, r: CellRun, prompts: list[EncodedPrompt]) -> None:
-    """Load the cell's models and drafter, warm up (compiling if asked), set r.run."""
+    """Load the cell's models and drafter and set up its backend (warm-up, compile)."""
     cell = r.cell
     if ctx.fault is not None:
         ctx.fault(cell)
@@ -157,87 +147,8 @@ def _prepare(ctx: RunContext, r: CellRun, prompts: list[EncodedPrompt]) -> None:
     own_draft = draft_variant(cell.draft) if cell.draft is not None else None
     if own_draft is not None:  # a layer-skip draft of the target itself adds no weights
         r.own_weights += ctx.models.build("draft", own_draft).weights_bytes or 0
-    if isinstance(getattr(drafter, "model", None), LayerSkip):
+    if drafter is not None and isinstance(drafter.model, LayerSkip):
         r.draft_skip = list(drafter.model.skip)
         if cell.kind == Kind.HF_ASSISTED:
             raise Skip("unavailable", "transformers' assisted generation has no layer-skip draft")
-    if cell.kind == Kind.HF_ASSISTED:
-        r.run = _hf_runner(ctx, cell, target, drafter, prompts)
-    else:
-        r.run = _engine_runner(ctx, r, target, drafter, prompts)
-
-
-def _engine_runner(ctx: RunContext, r: CellRun, target, drafter, prompts):
-    cell, cfg = r.cell, ctx.cfg
-    r.compile = bool(cfg.compile)
-    # one cache size for every prompt, the warm-up included: compiled shapes never change
-    widest = max_drafts(cell.draft_length, cell.gamma)
-    capacity = max(p.ids.numel() + p.max_new_tokens for p in prompts) + widest + 1
-    r.capacity = capacity
-    run = dict(
-        drafter=drafter,
-        gamma=cell.gamma,
-        sampler=ctx.sampler(cell.mode),
-        eos_ids=stop_ids(ctx.models.tokenizer, target),
-        compile=r.compile,
-        capacity=capacity,
-        draft_length=cell.draft_length,
-        threshold=cfg.confidence_threshold,
-    )
-    # Compilation happens in the first warm-up; it is timed here and never counted as latency.
-    # A model torch.compile cannot handle (a quantization kernel it cannot trace, say) is
-    # measured eagerly instead, and the record says why.
-    first = prompts[0]
-    for w in range(max(cfg.warmup, 1 if r.compile else 0)):
-        t = time.perf_counter()
-        try:
-            generate(target, first.ids, max_new_tokens=min(8, first.max_new_tokens), **run)
-        except Exception as err:  # noqa: BLE001
-            if not run["compile"]:
-                raise
-            r.compile_error = f"{type(err).__name__}: {err}"[:500]
-            log.warning("torch.compile failed for %s; measuring eagerly: %s", cell, err)
-            r.compile = run["compile"] = False
-        if w == 0 and r.compile:
-            r.compile_s = time.perf_counter() - t  # the first warm-up, compilation included
-
-    def one(i: int, repeat: int) -> Timed:
-        p = prompts[i]
-        rng = torch.Generator(ctx.device).manual_seed(cfg.seed + i)
-        resident = reset_peak(ctx.device)
-        g = generate(target, p.ids, max_new_tokens=p.max_new_tokens, generator=rng, **run)
-        rise = peak_bytes(ctx.device)[0] - resident
-        return Timed(i, repeat, g.tokens, g.total_s, g, max(rise, 0))
-
-    return one
-
-
-def _hf_runner(ctx: RunContext, cell: Cell, target, drafter, prompts):
-    """transformers' assisted generation for the same pair, as a timing peer."""
-    draft_model = getattr(drafter, "model", None)
-    if draft_model is None and cell.draft not in MODEL_FREE_DRAFTER_NAMES:
-        raise Skip("unavailable", "no draft model")
-    tokenizer = ctx.models.tokenizer
-    eos = stop_ids(tokenizer, target)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
-    run = dict(
-        draft_model=draft_model,
-        gamma=cell.gamma,
-        sampler=ctx.sampler(cell.mode),
-        eos_ids=eos,
-        pad_id=pad,
-    )
-    first = prompts[0]
-    for _ in range(ctx.cfg.warmup):
-        hf_assisted(target, first.ids, max_new_tokens=min(8, first.max_new_tokens), seed=0, **run)
-
-    def one(i: int, repeat: int) -> Timed:
-        p = prompts[i]
-        resident = reset_peak(ctx.device)
-        toks, secs = hf_assisted(
-            target, p.ids, max_new_tokens=p.max_new_tokens, seed=ctx.cfg.seed + i, **run
-        )
-        rise = peak_bytes(ctx.device)[0] - resident
-        return Timed(i, repeat, toks, secs, None, max(rise, 0))
-
-    return one
+    r.prepared = BACKENDS[cell.kind](ctx, cell, target, drafter, prompts)

@@ -15,8 +15,8 @@ from qspec.measure.acceptance import expected_acceptance_rate, expected_tau
 from qspec.measure.teacher_forced import quality_pass, tokenize_corpus
 from qspec.models.precisions import PRECISION_NAMES
 from qspec.plan import key_of_record, key_of_stage
-from qspec.records import Kind, PairScreenRecord, PredictedAt, QualityRecord, Record
-from qspec.stages.context import RunContext, Skip
+from qspec.records import Kind, PairScreenRecord, PredictedAt, QualityRecord, Record, Skip
+from qspec.stages.context import RunContext
 
 log = logging.getLogger("qspec")
 
@@ -54,21 +54,27 @@ def _built(ctx: RunContext, role: str, precision: str):
         return None
 
 
-def suite_quality(ctx: RunContext, suite, progress) -> list[Record]:
-    """One quality_pass over the suite corpus with every built target and model draft."""
-    cfg = ctx.cfg
-    models, names = {}, {}
-    screened = list(dict.fromkeys(cfg.target.precisions + cfg.quality.variants))
-    for precision in screened:
+def _screened_models(ctx: RunContext) -> tuple[dict, dict]:
+    """(name -> built model, draft precision -> its name there): every built target variant
+    and model draft (no n-gram, no layer-skip); a draft of another model is 'draft:<p>'."""
+    cfg, models, names = ctx.cfg, {}, {}
+    for precision in dict.fromkeys(cfg.target.precisions + cfg.quality.variants):
         model = _built(ctx, "target", precision)
         if model is not None:
             models[precision] = model
-    for precision in cfg.draft.precisions:  # model drafts only: no n-gram, no layer-skip
+    for precision in cfg.draft.precisions:
         model = _built(ctx, "draft", precision) if precision in PRECISION_NAMES else None
         if model is not None:
             name = precision if ctx.models.same_model else f"draft:{precision}"
             names[precision] = name
             models.setdefault(name, model)
+    return models, names
+
+
+def suite_quality(ctx: RunContext, suite, progress) -> list[Record]:
+    """One quality_pass over the suite corpus with every built target and model draft."""
+    cfg = ctx.cfg
+    models, names = _screened_models(ctx)
     reference = ctx.reference
     if reference not in models:
         error = f"reference variant {reference!r} was not built"
@@ -91,7 +97,12 @@ def suite_quality(ctx: RunContext, suite, progress) -> list[Record]:
             pairs=pairs,
             max_tokens=q.max_tokens,
         )
-    records: list[Record] = []
+    return _records(ctx, suite, result, reference, names)
+
+
+def _records(ctx: RunContext, suite, result, reference: str, names: dict) -> list[Record]:
+    cfg, records = ctx.cfg, []
+    screened = cfg.target.precisions + cfg.quality.variants
     target_ref = ctx.models.target_ref.ref
     for name, stats in result.variants.items():
         if name not in screened:

@@ -1,5 +1,5 @@
 """Reading a suite's files: the error every suite problem raises, naming the file (and line),
-and paths shown as the user would type them. Shared by suites.py and task_yaml.py."""
+and paths shown as the user would type them. Shared by folder.py and task_yaml.py."""
 
 from __future__ import annotations
 

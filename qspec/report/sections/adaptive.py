@@ -4,11 +4,10 @@ tokens/s had every step drafted exactly what it would accept)."""
 
 from __future__ import annotations
 
+from qspec.engine.draft_length import DRAFT_LENGTHS
 from qspec.records import GenerationRecord
 from qspec.report.analysis import Run, draft_name
 from qspec.report.format import text
-
-LENGTHS = ("fixed", "confidence", "heuristic")
 
 
 def build(run: Run) -> list[dict]:
@@ -22,7 +21,7 @@ def build(run: Run) -> list[dict]:
             continue  # nothing to set beside the fixed cell
         fixed = by.get("fixed")
         base = run.base_of(next(iter(by.values())))
-        names = list(LENGTHS) + sorted(set(by) - set(LENGTHS))
+        names = list(DRAFT_LENGTHS) + sorted(set(by) - set(DRAFT_LENGTHS))
         rows = [{"length": n, "c": by[n]} for n in names if n in by]
         out.append(
             {

@@ -1,4 +1,4 @@
-"""Bandwidth roofline: each target forward's achieved weight-read bandwidth (as roofline.py
+"""Bandwidth roofline: each target forward's achieved weight-read bandwidth (as measure/roofline.py
 stored it in the record) against the copy bandwidth run.json measured: how close each
 precision gets to the memory bound that speculation exploits."""
 

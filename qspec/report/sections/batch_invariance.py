@@ -14,9 +14,9 @@ FIELDS = ("positions", "k", "max_abs_logit_diff", "argmax_flips", "argmax_flips_
 
 
 def _figures(v: VariantRecord) -> dict:
-    bi = v.batch_invariance or {}
-    out = {f: num(bi.get(f)) for f in FIELDS}
-    out["method"] = text(bi.get("method"))
+    bi = v.batch_invariance
+    out = {f: num(getattr(bi, f, None)) for f in FIELDS}
+    out["method"] = text(bi.method if bi is not None else None)
     out["invariant"] = v.batch_invariant
     return out
 
@@ -33,11 +33,11 @@ def build(run: Run) -> dict:
         limit = noise if noise is not None else NEAR_TIE_LOGITS
         mismatches = []
         for d in c.lossless_divergence:
-            margin = num(d.get("top1_top2_margin"))
+            margin = num(d.top1_top2_margin)
             mismatches.append(
                 {
-                    "id": text(d.get("id")),
-                    "position": d.get("position"),
+                    "id": text(d.id),
+                    "position": d.position,
                     "margin": margin,
                     "near_tie": None if margin is None else margin <= limit,
                 }

@@ -3,10 +3,9 @@ the run's files, and for an unfinished run the planned cells that have no record
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from qspec.config import ConfigError, parse_config, resolve_defaults
-from qspec.plan import plan
+from qspec.plan import SuitePlan, planned
+from qspec.records import GenerationRecord
 from qspec.report.analysis import Run
 from qspec.report.format import text
 
@@ -29,17 +28,25 @@ def build(run: Run) -> dict:
 
 
 def missing_cells(run: Run) -> list[dict]:
-    """Generation cells the run's config plans (the runner's own plan) that have no record."""
+    """Generation cells the run's config plans (plan.planned, the runner's own list) that have
+    no record."""
     try:
         cfg = parse_config(run.config, "run.json config")
-        suites = [text(s) for s in (run.info.suites or cfg.suites)]
+        suites = [SuitePlan(text(s)) for s in (run.info.suites or cfg.suites)]
     except (ConfigError, TypeError, ValueError):
         return []
-    have = {(c.kind, c.suite, c.target, c.draft, c.gamma, c.mode) for c in run.cells}
+    have = {_coords(c) for c in run.cells}
     device = run.info.hardware.get("device", "cpu")
-    planned = plan(resolve_defaults(cfg, device), suites, device)
+    cells = [p.record for p in planned(resolve_defaults(cfg, device), suites, device, {})]
     return [
-        asdict(p)
-        for p in planned
-        if (p.kind, p.suite, p.target, p.draft, p.gamma, p.mode) not in have
+        {k: getattr(c, k) for k in CELL_COORDS}
+        for c in cells
+        if isinstance(c, GenerationRecord) and _coords(c) not in have
     ]
+
+
+CELL_COORDS = ("kind", "suite", "target", "draft", "gamma", "mode", "draft_length")
+
+
+def _coords(c: GenerationRecord) -> tuple:
+    return tuple(getattr(c, k) for k in CELL_COORDS)

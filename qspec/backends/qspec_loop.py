@@ -1,0 +1,74 @@
+"""qspec's own speculative loop as a backend: target-only and speculative cells.
+
+Compiling is decided here, from the config: one Compiled per model for the whole run (the
+context keeps them), so every cell of a target replays graphs compiled once. A model that
+torch.compile cannot handle (a quantization kernel it cannot trace, say) is measured eagerly
+instead, and the record says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from qspec.backends.interface import Prepared, Timed
+from qspec.engine.draft_length import DraftLength
+from qspec.engine.loop import generate
+from qspec.measure.memory import peak_bytes, reset_peak
+from qspec.suites.encoding import stop_ids
+
+log = logging.getLogger("qspec")
+
+WARMUP_TOKENS = 8
+
+
+def prepare(ctx, cell, target, drafter, prompts) -> Prepared:
+    cfg = ctx.cfg
+    length = DraftLength(cell.draft_length, cell.gamma, cfg.confidence_threshold)
+    # one cache size for every prompt, the warm-up included: compiled shapes never change
+    capacity = max(p.ids.numel() + p.max_new_tokens for p in prompts) + length.widest + 1
+    prepared = Prepared(run=None, compile=bool(cfg.compile), capacity=capacity)
+    run = dict(
+        drafter=drafter,
+        length=length,
+        sampler=ctx.sampler(cell.mode),
+        eos_ids=stop_ids(ctx.models.tokenizer, target),
+        capacity=capacity,
+    )
+    _compile(ctx, run, drafter, target, prepared.compile)
+    first = prompts[0]
+    for w in range(max(cfg.warmup, 1 if prepared.compile else 0)):
+        t = time.perf_counter()
+        try:
+            generate(
+                target, first.ids, max_new_tokens=min(WARMUP_TOKENS, first.max_new_tokens), **run
+            )
+        except Exception as err:  # noqa: BLE001
+            if not prepared.compile:
+                raise
+            prepared.compile_error = f"{type(err).__name__}: {err}"[:500]
+            log.warning("torch.compile failed for %s; measuring eagerly: %s", cell, err)
+            prepared.compile = False
+            _compile(ctx, run, drafter, target, False)
+        if w == 0 and prepared.compile:
+            prepared.compile_s = time.perf_counter() - t  # compilation included
+
+    def one(i: int, repeat: int) -> Timed:
+        p = prompts[i]
+        rng = torch.Generator(ctx.device).manual_seed(cfg.seed + i)
+        resident = reset_peak(ctx.device)
+        g = generate(target, p.ids, max_new_tokens=p.max_new_tokens, generator=rng, **run)
+        rise = peak_bytes(ctx.device)[0] - resident
+        return Timed(i, repeat, g.tokens, g.total_s, g, max(rise, 0))
+
+    prepared.run = one
+    return prepared
+
+
+def _compile(ctx, run: dict, drafter, target, on: bool) -> None:
+    """The compiled steps of the target and of a model draft, or eager ones."""
+    run["compiled"] = ctx.compiled(target) if on else None
+    if drafter is not None and drafter.model is not None:
+        drafter.compiled = ctx.compiled(drafter.model) if on else None

@@ -1,0 +1,173 @@
+"""The variants of one run: the target and draft references resolved, and each (model,
+precision) built once, on first use, with the drafters made from them.
+
+A build that fails is kept as its status and reason (never raised); asking for its model
+raises Skip, which a stage records as that cell's or stage's status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from qspec.config import RunConfig
+from qspec.engine.drafters import MODEL_FREE_DRAFTERS, ModelDrafter, check_same_tokenizer
+from qspec.engine.layerskip import LayerSkip, decoder_layers, middle_layers
+from qspec.measure.skip_search import search_skip
+from qspec.models.builders import BuildContext, VariantUnavailable, build, weight_bytes
+from qspec.models.precisions import parse_skip
+from qspec.models.refs import ResolvedModel, resolve
+from qspec.records import Skip, Status
+
+log = logging.getLogger("qspec")
+
+
+@dataclass
+class Built:
+    """One (model, precision) built once: the model, or why it could not be built."""
+
+    model: torch.nn.Module | None
+    status: Status
+    error: str | None = None
+    weights_bytes: int | None = None
+    build_s: float | None = None
+
+
+class Models:
+    """Resolves the target and draft references, then builds each variant once, on demand."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device, calibration: list[str]):
+        self.cfg, self.device, self.calibration = cfg, device, calibration
+        self.built: dict[tuple[str, str], Built] = {}
+        self.errors: dict[str, str] = {}  # role -> why that model cannot be used at all
+        self.searches: dict[tuple[str, str], dict] = {}  # layer-skip searches, per variant
+        self.target_ref = self.draft_ref = self.tokenizer = None
+        try:
+            self.target_ref = resolve(cfg.target.ref)
+            self.tokenizer = _tokenizer(self.target_ref, cfg.target.trust_remote_code)
+        except Exception as err:  # noqa: BLE001
+            self.errors["target"] = (
+                f"cannot load target {cfg.target.ref!r}: {type(err).__name__}: {err}"
+            )
+            return
+        try:
+            self.draft_ref = resolve(cfg.draft.ref)
+            if self.draft_ref.ref != self.target_ref.ref:
+                draft_tok = _tokenizer(self.draft_ref, cfg.draft.trust_remote_code)
+                check_same_tokenizer(
+                    self.tokenizer, draft_tok, self.target_ref.ref, self.draft_ref.ref
+                )
+        except Exception as err:  # noqa: BLE001
+            self.errors["draft"] = (
+                f"cannot use draft {cfg.draft.ref!r}: {type(err).__name__}: {err}"
+            )
+
+    @property
+    def same_model(self) -> bool:
+        """Target and draft are the same checkpoint (self-drafting from quantized copies)."""
+        return self.draft_ref is not None and self.draft_ref.ref == self.target_ref.ref
+
+    def ref(self, role: str) -> ResolvedModel | None:
+        return self.target_ref if role == "target" else self.draft_ref
+
+    def build(self, role: str, precision: str) -> Built:
+        """The variant, built on first use; a build fault is kept as its status, never raised."""
+        if role in self.errors:
+            return Built(None, "failed", self.errors[role])
+        ref = self.ref(role)
+        spec = self.cfg.target if role == "target" else self.cfg.draft
+        key = (ref.ref, precision)
+        if key not in self.built:
+            start = time.perf_counter()
+            ctx = BuildContext(
+                ref.location, self.device.type, spec.trust_remote_code, self.calibration
+            )
+            try:
+                model = build(precision, ctx)
+                self.built[key] = Built(
+                    model, "ok", None, weight_bytes(model), time.perf_counter() - start
+                )
+            except VariantUnavailable as err:
+                self.built[key] = Built(None, "unavailable", str(err))
+            except Exception as err:  # noqa: BLE001 - any build fault is recorded, never fatal
+                log.debug(traceback.format_exc())
+                self.built[key] = Built(None, "failed", f"{type(err).__name__}: {err}")
+        return self.built[key]
+
+    def model(self, role: str, precision: str) -> torch.nn.Module:
+        """The built model, or Skip with the status and reason it is missing."""
+        built = self.build(role, precision)
+        if built.model is None:
+            reason = built.error if role in self.errors else f"{role} {precision}: {built.error}"
+            raise Skip(built.status, reason)
+        return built.model
+
+    def drafter(self, name: str, target: str | None = None):
+        """A fresh drafter, or Skip: n-gram lookup, a built draft variant, or a layer-skip
+        draft over the cell's target variant (`target`) or a draft variant."""
+        if name in MODEL_FREE_DRAFTERS:
+            d = self.cfg.draft
+            return MODEL_FREE_DRAFTERS[name](max_ngram=d.ngram_max, min_ngram=d.ngram_min)
+        skip = parse_skip(name)
+        if skip is None:
+            return ModelDrafter(self.model("draft", name), name=name)
+        if skip.precision is None and target is None:
+            raise Skip("unavailable", f"{name}: a layer-skip draft of the target needs a target")
+        role, precision = ("draft", skip.precision) if skip.precision else ("target", target)
+        base = self.model(role, precision)
+        if skip.search:
+            layers = self.skip_search(role, precision)["skip"]
+        elif skip.layers is not None:
+            layers = skip.layers
+        else:
+            layers = middle_layers(len(decoder_layers(base)), skip.fraction)
+        try:
+            return ModelDrafter(LayerSkip(base, tuple(layers)), name=name)
+        except ValueError as err:
+            raise Skip("failed", f"{name}: {err}") from None
+
+    def skip_search(self, role: str, precision: str) -> dict:
+        """The searched skip set of a variant: once per run, and cached on disk across runs."""
+        key = (role, precision)
+        if key not in self.searches:
+            self.searches[key] = _cached_search(self, role, precision)
+        return self.searches[key]
+
+
+SEARCH_TOKENS = 128  # corpus tokens the layer-skip search scores each candidate on
+
+
+def _cached_search(models: Models, role: str, precision: str) -> dict:
+    """search_skip on the calibration (suite corpus) text, reusing a stored result."""
+    from qspec import cache
+
+    text = "\n\n".join(models.calibration)
+    ref = models.ref(role)
+    gamma = max(models.cfg.gammas)
+    blob = json.dumps([ref.location, precision, gamma, SEARCH_TOKENS, text], sort_keys=True)
+    entry = cache.entry_dir("skip-search", hashlib.sha256(blob.encode()).hexdigest()[:16])
+    if (entry / "result.json").exists():
+        cache.touch(entry)
+        return json.loads((entry / "result.json").read_text())
+    ids = models.tokenizer(text, add_special_tokens=False)["input_ids"][:SEARCH_TOKENS]
+    if len(ids) < 2 * (gamma + 2):
+        raise Skip("unavailable", "skip-search needs suite corpus text to search on")
+    model = models.model(role, precision)
+    result = search_skip(model, torch.tensor(ids, device=models.device), gamma)
+    result.update(model=ref.ref, precision=precision, gamma=gamma)
+    with cache.atomic_dir(entry) as tmp:
+        (tmp / "result.json").write_text(json.dumps(result, indent=1))
+    cache.touch(entry)
+    return result
+
+
+def _tokenizer(model: ResolvedModel, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model.location, trust_remote_code=trust_remote_code)
