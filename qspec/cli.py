@@ -35,6 +35,7 @@ def _evaluate(args) -> int:
         # validated before any model loads
         suites = [load_suite(name, extra) for name in cfg.suites]
         _check_hub(suites)
+        _check_engines(cfg)
     except (ConfigError, SuiteError) as err:
         print(f"qspec: {err}", file=sys.stderr)
         return 2
@@ -56,6 +57,19 @@ def _evaluate(args) -> int:
     print(f"results: {out / 'results.jsonl'}")
     _print_report(out, None)
     return status
+
+
+def _check_engines(cfg) -> None:
+    """A served engine that cannot run fails now, naming the key and the fix."""
+    if "vllm" not in cfg.engines:
+        return
+    from qspec.backends.vllm_server import preflight
+
+    problem = preflight(cfg.vllm)
+    if problem:
+        raise ConfigError(
+            f'{problem}. To run without the served engine set engines = ["qspec"] in the config.'
+        )
 
 
 def _check_hub(suites) -> None:
@@ -183,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # before a run started (a run's own handler says where it stopped)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

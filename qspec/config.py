@@ -132,6 +132,67 @@ class RaySettings(Strict):
     gpus_per_group: float = Field(default=1.0, gt=0, le=1)
 
 
+class VllmSettings(Strict):
+    """The served engine: vLLM's OpenAI-compatible server, one per (target, draft), started from
+    its own virtual environment, or an existing deployment at `url`."""
+
+    # the interpreter of vLLM's venv; None: $QSPEC_VLLM_PYTHON, else .venvs/vllm/bin/python
+    # (where the noxfile installs it)
+    python: str | None = None
+    # an existing server to measure instead of starting one (its pairing is whatever it serves)
+    url: str | None = None
+    api_key_env: str | None = None  # the environment variable holding that server's API key
+    # target precisions and drafts served; vLLM on CPU loads fp32/bf16 and GPTQ builds, and
+    # ngram lookup; others are recorded as unavailable with vLLM's reason
+    targets: list[str] = ["fp32"]
+    drafts: list[str] = ["gptq-int4", "ngram"]
+    gamma: int | None = Field(default=None, ge=1, le=MAX_GAMMA, description="None: max(gammas)")
+    concurrency: list[int] = Field(default=[1, 4], min_length=1)
+    modes: list[Literal["greedy", "sample"]] = Field(default=["greedy"], min_length=1)
+    # timed passes over every level, alternating the pairing and target-alone servers
+    repeats: int = Field(default=2, ge=1, le=50)
+    # requests per level: at least the suite's prompts (round-robin) and this many per slot
+    requests_per_slot: int = Field(default=2, ge=1)
+    max_prompts: int | None = Field(default=None, ge=1, description="None: the run's max_prompts")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    startup_timeout_s: float = Field(default=300, gt=0)
+    request_timeout_s: float = Field(default=600, gt=0)
+    kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU (GiB)")
+    # goodput counts requests within both objectives (None: not counted)
+    slo_ttft_s: float | None = Field(default=None, gt=0)
+    slo_tpot_s: float | None = Field(default=None, gt=0)
+    extra_args: list[str] = []  # passed to the server as they are
+    # how a draft model's tokens are sampled in sampled mode: "probabilistic" from its
+    # distribution (the rejection sampling qspec's loop does), "greedy" its argmax treated as
+    # one-hot (vLLM's default)
+    draft_sample_method: Literal["probabilistic", "greedy"] = "probabilistic"
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, targets: list[str]) -> list[str]:
+        return known_precisions(targets)
+
+    @field_validator("drafts")
+    @classmethod
+    def _known_drafts(cls, drafts: list[str]) -> list[str]:
+        return known_drafters(drafts)
+
+    @field_validator("concurrency")
+    @classmethod
+    def _positive_levels(cls, levels: list[int]) -> list[int]:
+        bad = [c for c in levels if not 1 <= c <= 1024]
+        if bad:
+            raise ValueError(f"concurrency {bad[0]} out of range (allowed: 1..1024)")
+        return sorted(set(levels))
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http(s):// address of a running server")
+        return url.rstrip("/") if url else url
+
+
 class RunConfig(Strict):
     # gptq-int4 needs the gptq extra; without it its cells are recorded as unavailable. The
     # 4-bit draft is GPTQ's (it drafts better than nf4 at the same speed on CPU: alpha 0.90 vs
@@ -174,6 +235,10 @@ class RunConfig(Strict):
     # tasks, each cell group (one target variant) in a worker process of its own
     executor: Literal["local", "ray"] = "local"
     ray: RaySettings = RaySettings()
+    # "qspec": qspec's own loop and its transformers peer (every stage above); "vllm": the same
+    # pairings served by vLLM across concurrency levels (the [vllm] table)
+    engines: list[Literal["qspec", "vllm"]] = Field(default=["qspec", "vllm"], min_length=1)
+    vllm: VllmSettings = VllmSettings()
 
     @field_validator("gammas")
     @classmethod

@@ -17,6 +17,7 @@ from qspec.records import (
     Kind,
     QualityRecord,
     Record,
+    ServingRecord,
     TaskLosslessRecord,
     TaskRecord,
     VariantRecord,
@@ -55,6 +56,8 @@ def plan(cfg: RunConfig, suite_names: list[str], device: str = "cpu") -> list[Ce
     """Target-only first for each target and mode: speculative cells need its speed and outputs."""
     reference = reference_precision(cfg.target.precisions, device)
     cells = []
+    if "qspec" not in cfg.engines:
+        return cells
     for suite in suite_names:
         for target in cfg.target.precisions:
             for mode in cfg.modes:
@@ -77,6 +80,75 @@ def plan(cfg: RunConfig, suite_names: list[str], device: str = "cpu") -> list[Ce
                         for gamma in dict.fromkeys(gammas):
                             cells.append(Cell(Kind.HF_ASSISTED, suite, target, draft, gamma, mode))
     return cells
+
+
+# The pairing an existing deployment serves is read from it at run time ([vllm] url).
+DEPLOYMENT = "deployment"
+
+
+@dataclass(frozen=True)
+class ServingCell:
+    """One concurrency level of one pairing served by vLLM (draft None: the target alone)."""
+
+    suite: str
+    target: str
+    draft: str | None
+    gamma: int
+    mode: str
+    concurrency: int
+
+    def coordinates(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        return (
+            f"vllm {self.suite} {self.target}/{self.draft or '-'} g={self.gamma} "
+            f"{self.mode} c={self.concurrency}"
+        )
+
+
+def serving_plan(cfg: RunConfig, suite_names: list[str]) -> list[ServingCell]:
+    """Per suite and served target: the target alone, then each draft, every mode and level."""
+    if "vllm" not in cfg.engines:
+        return []
+    v = cfg.vllm
+    gamma = v.gamma or max(cfg.gammas or [3])
+    if v.url:
+        pairings = [(DEPLOYMENT, None, 0)]
+    else:
+        pairings = [
+            (t, d, g) for t in v.targets for d, g in [(None, 0)] + [(d, gamma) for d in v.drafts]
+        ]
+    return [
+        ServingCell(suite, t, d, g, mode, level)
+        for suite in suite_names
+        for t, d, g in pairings
+        for mode in v.modes
+        for level in v.concurrency
+    ]
+
+
+def key_of_serving(cell: ServingCell, cfg: RunConfig, device: str, versions: dict) -> str:
+    """A served level depends on its coordinates, the workload and the server's settings."""
+    v = cfg.vllm.model_dump(exclude={"python", "concurrency", "targets", "drafts", "modes"})
+    fields = asdict(cell)
+    if cell.draft in MODEL_FREE_DRAFTER_NAMES:
+        fields["ngram"] = [cfg.draft.ngram_min, cfg.draft.ngram_max]
+    return cell_key(
+        {
+            **fields,
+            "kind": "serving",
+            "target_ref": cfg.target.ref,
+            "draft_ref": cfg.draft.ref,
+            "max_new_tokens": cfg.max_new_tokens,
+            "max_prompts": cfg.max_prompts,
+            "sampling": cfg.sampling.model_dump(),
+            "seed": cfg.seed,
+            "vllm": v,
+            "device": device,
+            "versions": versions,
+        }
+    )
 
 
 def spread(prompts: list, n: int) -> list:
@@ -276,6 +348,9 @@ def planned(cfg: RunConfig, suites: list[SuitePlan], device: str, versions: dict
         key = key_of_cell(cell, cfg, device, versions)
         rec = GenerationRecord(key=key, **cell.coordinates(), **failed)
         out.append(Planned("generation", cell.target, rec))
+    for cell in serving_plan(cfg, [s.name for s in suites]):
+        key = key_of_serving(cell, cfg, device, versions)
+        out.append(Planned("serving", None, ServingRecord(key=key, **cell.coordinates(), **failed)))
     if cfg.tasks.enabled:
         out += _planned_tasks(cfg, suites, device, versions)
     return out

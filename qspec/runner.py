@@ -95,6 +95,8 @@ def _records(ctx: RunContext, calibration, progress, info: RunInfo, out: Path):
         from qspec.ray_executor import run_jobs
 
         yield from run_jobs(ctx, calibration, progress, started)
+        # the served engine needs the machine to itself: after every worker is done
+        yield from STAGES["serving"](ctx, progress)
         return
     started({"kind": "local", "concurrency": "one cell at a time, in one process"})
     for stage in STAGES.values():

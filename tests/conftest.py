@@ -83,6 +83,8 @@ def write_config(path, model_dir, **overrides) -> str:
         "suites": '["example-custom"]',
         "hf_assisted_modes": '["greedy", "sample"]',
         "hf_assisted_targets": '"all"',
+        # the served engine has tests of its own (test_serving_live.py): tiny runs stay in-process
+        "engines": '["qspec"]',
         **{k: v for k, v in overrides.items() if not k.startswith("_")},
     }
     lines = [f"{k} = {v}" for k, v in body.items()]
@@ -99,6 +101,8 @@ def write_config(path, model_dir, **overrides) -> str:
         "stride = 16",
         "[tasks]",
         overrides.get("_tasks", "enabled = false"),
+        "[vllm]",
+        overrides.get("_vllm", ""),
     ]
     path.write_text("\n".join(lines) + "\n")
     return str(path)

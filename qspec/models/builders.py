@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -102,12 +103,7 @@ def build_gptq_int4(ctx: BuildContext):
         raise VariantUnavailable("gptq-int4 needs calibration text (a suite with a corpus)")
     # gptqmodel's CPU pool defaults to half the cores: one worker on a 2-core machine
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(torch.get_num_threads()))
-    group = _gptq_group_size(ctx)
-    blob = json.dumps([ctx.location, 4, group, ctx.calibration_texts])
-    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    # qspec-source.json is written last and only by atomic builds: a folder without it is a
-    # leftover of an interrupted in-place build (before atomic_dir) and is rebuilt.
-    out = cache.entry_dir("gptq", key)
+    out, key, group = gptq_entry(ctx)
     if (out / "qspec-source.json").exists():
         cache.touch(out)
         return _load(BuildContext(str(out), ctx.device, ctx.trust_remote_code))
@@ -124,6 +120,27 @@ def build_gptq_int4(ctx: BuildContext):
     cache.touch(out)
     cache.enforce_limit(keep=out)
     return model
+
+
+def gptq_entry(ctx: BuildContext) -> tuple[Path, str, int]:
+    """The cache folder of a GPTQ build of this model and calibration text, its key and group
+    size. qspec-source.json is written last and only by atomic builds: a folder without it is
+    a leftover of an interrupted in-place build (before atomic_dir) and is rebuilt."""
+    group = _gptq_group_size(ctx)
+    blob = json.dumps([ctx.location, 4, group, ctx.calibration_texts])
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return cache.entry_dir("gptq", key), key, group
+
+
+def saved_folder(precision: str, ctx: BuildContext) -> Path | None:
+    """A folder that holds this variant as saved weights (what a served engine loads), or None
+    where the variant exists only in memory (bitsandbytes quantizes at load time)."""
+    if precision in ("fp32", "bf16", "fp16"):
+        return Path(ctx.location)
+    if precision == "gptq-int4":
+        out = gptq_entry(ctx)[0]
+        return out if (out / "qspec-source.json").exists() else None
+    return None
 
 
 def calibration_summary(texts: list[str]) -> dict:

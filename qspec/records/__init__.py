@@ -26,6 +26,7 @@ from qspec.records.built import (
     VariantRecord,
 )
 from qspec.records.cell import Divergence, GenerationRecord, Output, Roofline, Spread
+from qspec.records.served import Percentiles, ServingRecord
 
 log = logging.getLogger("qspec")
 
@@ -49,10 +50,13 @@ __all__ = [
     "Output",
     "Roofline",
     "Spread",
+    "Percentiles",
+    "ServingRecord",
     "AnyRecord",
     "parse",
     "upgrade",
     "RunInfo",
+    "CLASSES",
 ]
 
 AnyRecord = Annotated[
@@ -61,17 +65,19 @@ AnyRecord = Annotated[
     | QualityRecord
     | PairScreenRecord
     | TaskRecord
-    | TaskLosslessRecord,
+    | TaskLosslessRecord
+    | ServingRecord,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter = TypeAdapter(AnyRecord)
-_CLASSES = {
+CLASSES = {
     Kind.VARIANT: VariantRecord,
     **{k: GenerationRecord for k in GENERATION_KINDS},
     Kind.QUALITY: QualityRecord,
     Kind.PAIR_SCREEN: PairScreenRecord,
     Kind.TASK: TaskRecord,
     Kind.TASK_LOSSLESS: TaskLosslessRecord,
+    Kind.SERVING: ServingRecord,
 }
 
 # Fields written under two names by earlier versions: old name -> the one kept.
@@ -84,7 +90,7 @@ def upgrade(raw: dict) -> dict:
     """A record of an older layout in today's names: renamed fields take their new name, and
     fields this version does not know are left out (listed in the debug log)."""
     kind = raw.get("kind")
-    if not isinstance(kind, str) or kind not in _CLASSES:
+    if not isinstance(kind, str) or kind not in CLASSES:
         return raw
     out = dict(raw)
     for old, new in _RENAMED.get(Kind(kind), {}).items():
@@ -92,7 +98,7 @@ def upgrade(raw: dict) -> dict:
             value = out.pop(old)
             if out.get(new) is None:
                 out[new] = value
-    known = _CLASSES[Kind(kind)].model_fields
+    known = CLASSES[Kind(kind)].model_fields
     unknown = sorted(set(out) - set(known))
     if unknown:
         log.debug("record %s: ignoring fields %s", raw.get("key"), unknown)
@@ -105,7 +111,7 @@ def parse(raw: dict) -> Record | None:
     """A typed record, or None for a kind this version does not know (or a malformed one)."""
     if not isinstance(raw, dict) or not isinstance(raw.get("kind"), str):
         return None
-    if raw["kind"] not in _CLASSES:
+    if raw["kind"] not in CLASSES:
         return None
     try:
         return _ADAPTER.validate_python(upgrade(raw))

@@ -31,6 +31,7 @@ class Kind(StrEnum):
     PAIR_SCREEN = "pair_screen"
     TASK = "task"
     TASK_LOSSLESS = "task_lossless"
+    SERVING = "serving"
 
 
 GENERATION_KINDS = (Kind.TARGET_ONLY, Kind.SPECULATIVE, Kind.HF_ASSISTED)

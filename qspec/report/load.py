@@ -13,16 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from qspec import records, store
-from qspec.records import GENERATION_KINDS, Kind, Record, RunInfo
-
-CLASSES: dict[str, type[Record]] = {
-    Kind.VARIANT: records.VariantRecord,
-    **{k: records.GenerationRecord for k in GENERATION_KINDS},
-    Kind.QUALITY: records.QualityRecord,
-    Kind.PAIR_SCREEN: records.PairScreenRecord,
-    Kind.TASK: records.TaskRecord,
-    Kind.TASK_LOSSLESS: records.TaskLosslessRecord,
-}
+from qspec.records import CLASSES, Record, RunInfo
 
 
 def load_run(run_dir: Path) -> tuple[RunInfo, list[Record], list[str]]:

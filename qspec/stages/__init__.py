@@ -5,12 +5,21 @@ from qspec.stages.accuracy import task_stage
 from qspec.stages.build import build_variants
 from qspec.stages.generation import generation_stage
 from qspec.stages.screen import quality_stage
+from qspec.stages.serving import serving_stage
 
 STAGES = {
     "variants": lambda ctx, progress: build_variants(ctx),
     "quality": quality_stage,
     "generation": generation_stage,
+    "serving": serving_stage,
     "tasks": task_stage,
 }
 
-__all__ = ["STAGES", "build_variants", "generation_stage", "quality_stage", "task_stage"]
+__all__ = [
+    "STAGES",
+    "build_variants",
+    "generation_stage",
+    "quality_stage",
+    "serving_stage",
+    "task_stage",
+]

@@ -76,18 +76,20 @@ class Models:
     def ref(self, role: str) -> ResolvedModel | None:
         return self.target_ref if role == "target" else self.draft_ref
 
+    def build_context(self, role: str) -> BuildContext:
+        """Where a role's model is and what its builds calibrate on."""
+        spec = self.cfg.target if role == "target" else self.cfg.draft
+        trust = spec.trust_remote_code
+        return BuildContext(self.ref(role).location, self.device.type, trust, self.calibration)
+
     def build(self, role: str, precision: str) -> Built:
         """The variant, built on first use; a build fault is kept as its status, never raised."""
         if role in self.errors:
             return Built(None, "failed", self.errors[role])
-        ref = self.ref(role)
-        spec = self.cfg.target if role == "target" else self.cfg.draft
-        key = (ref.ref, precision)
+        key = (self.ref(role).ref, precision)
         if key not in self.built:
             start = time.perf_counter()
-            ctx = BuildContext(
-                ref.location, self.device.type, spec.trust_remote_code, self.calibration
-            )
+            ctx = self.build_context(role)
             try:
                 model = build(precision, ctx)
                 self.built[key] = Built(

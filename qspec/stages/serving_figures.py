@@ -1,0 +1,122 @@
+"""The serving stage's records: per pairing and level, throughput and latency over every
+repeat, acceptance from the engine's counters, the speedup paired per request against the
+target alone at the same level, and the greedy lossless check."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterator
+
+import httpx
+
+from qspec.measure.concurrency import LevelLoad, engine_acceptance
+from qspec.measure.speedup import paired_fields
+from qspec.records import ServingRecord
+
+
+def deployment_pairing(url: str, headers: dict | None) -> dict:
+    """What an existing server serves: its first model id from /v1/models."""
+    resp = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
+    resp.raise_for_status()
+    models = resp.json().get("data") or []
+    if not models:
+        raise RuntimeError(f"{url}/v1/models lists no model")
+    return {"model": models[0]["id"]}
+
+
+def deployment_version(url: str, headers: dict | None) -> str | None:
+    """vLLM's /version of an existing server, e.g. "vllm 0.32.0" (None where it has none)."""
+    try:
+        resp = httpx.get(f"{url}/version", headers=headers, timeout=10)
+        resp.raise_for_status()
+        return f"vllm {resp.json()['version']}"
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
+
+
+def _load(levels) -> LevelLoad:
+    return LevelLoad(tuple(tuple(lv.results) for lv in levels), tuple(lv.wall_s for lv in levels))
+
+
+def level_records(ctx, s, base, prompts, meta: dict) -> Iterator[ServingRecord]:
+    """One record per cell of one served pairing `s`; `base` is the target alone's (or None)."""
+    v = ctx.cfg.vllm
+    lowest = min(v.concurrency)
+    for c in s.cells:
+        common = {
+            **c.coordinates(),
+            **meta,
+            "server": v.url or "started by qspec",
+            "method": (s.spec.speculative or {}).get("method") if s.spec else None,
+            "speculative_config": s.spec.speculative if s.spec else None,
+            "n_prompts": len(prompts),
+            "repeats": v.repeats,
+            "max_new_tokens": ctx.cfg.max_new_tokens,
+        }
+        levels = s.levels.get((c.mode, c.concurrency), [])
+        if s.status != "ok" or not levels:
+            error = s.error or "not measured"
+            status = s.status if s.status != "ok" else "failed"
+            yield ServingRecord(**common, status=status, error=error, log_tail=s.log_tail)
+            continue
+        load = _load(levels)
+        f = load.fields(v.slo_ttft_s, v.slo_tpot_s)
+        f["n_requests"] = len(levels[0].results)
+        counters = s.counters.get((c.mode, c.concurrency))
+        if counters is not None and counters.present:
+            f.update(
+                engine_acceptance(
+                    counters.drafts, counters.draft_tokens, counters.accepted, counters.per_position
+                )
+            )
+            if v.url is not None:
+                f["gamma"] = counters.gamma
+                f["method"] = "as served"
+        if c.mode == "greedy":
+            f["outputs"] = _outputs(levels[0], prompts)
+            first = s.levels.get((c.mode, lowest))
+            if first:
+                f["same_as_lowest_concurrency"] = not _mismatches(levels[0], first[0], prompts)
+        baseline = base.levels.get((c.mode, c.concurrency)) if base is not None else None
+        if s is not base and base is not None and base.status == "ok" and baseline:
+            f.update(_against(load, _load(baseline)))
+            if c.mode == "greedy":
+                bad = _mismatches(levels[0], baseline[0], prompts)
+                f["lossless"], f["lossless_mismatches"] = not bad, bad
+        yield ServingRecord(**{**common, **f})
+
+
+def _against(load: LevelLoad, baseline: LevelLoad) -> dict:
+    """The pairing over the target alone: per-request ratios (slot and repeat paired)."""
+    out = paired_fields(load.timings(), baseline.timings(), "speedup")
+    mine, theirs = load.totals_per_s(), baseline.totals_per_s()
+    if mine and theirs:
+        out["throughput_ratio"] = statistics.fmean(mine) / statistics.fmean(theirs)
+    return out
+
+
+def _outputs(level, prompts) -> dict[str, list[int]]:
+    """Each prompt's tokens, from its first request of the level."""
+    out: dict[str, list[int]] = {}
+    for r in level.results:
+        if r.ok:
+            out.setdefault(prompts[r.prompt].id, list(r.tokens))
+    return out
+
+
+def _mismatches(level, other, prompts) -> list[str]:
+    """Prompt ids whose tokens differ between two levels' requests of the same slot."""
+    theirs = {r.slot: r.tokens for r in other.results if r.ok}
+    bad = {
+        prompts[r.prompt].id
+        for r in level.results
+        if r.ok and r.slot in theirs and r.tokens != theirs[r.slot]
+    }
+    # a slot that one level has and the other not (another level's schedule): compare by prompt
+    firsts = _outputs(other, prompts)
+    bad |= {
+        prompts[r.prompt].id
+        for r in level.results
+        if r.ok and r.slot not in theirs and r.tokens != firsts.get(prompts[r.prompt].id)
+    }
+    return sorted(bad)

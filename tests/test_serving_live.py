@@ -1,0 +1,198 @@
+"""Real vLLM servers, started from the venv the noxfile installs, on a tiny model: one sweep
+that exercises the levels, the engine's counters, the lossless check, a server SIGKILLed
+mid-sweep (its cells fail with its log, the others stand), no server left behind, and a
+--resume that measures only the failed cells again. Four server starts, ~3 minutes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from qspec import store
+from qspec.backends.vllm_server import probe, running_servers, vllm_python
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def vllm_ready():
+    version, problem = probe(vllm_python(None))
+    if problem:
+        pytest.skip(problem)
+    return version
+
+
+@pytest.fixture(scope="module")
+def servable_model(tmp_path_factory, default_model_dir):
+    """A tiny random Llama with the SmolLM2 tokenizer, in a head size vLLM's CPU kernels take."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("servable")
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # sharp distributions: greedy paths are not ties
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _api_pid(name: str) -> int | None:
+    for pid in running_servers():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--served-model-name" in cmd and name.encode() in cmd:
+            return pid
+    return None
+
+
+def test_sweep_kill_resume(tmp_path, servable_model, vllm_ready, monkeypatch):
+    from qspec.cli import main
+
+    vllm = "concurrency = [1, 2]\nrepeats = 1\nstartup_timeout_s = 240"
+    cfg = _served_config(tmp_path, servable_model, vllm, max_new_tokens="12")
+    out = tmp_path / "run"
+    killed = []
+
+    def kill_ngram_at_2(cell):
+        if getattr(cell, "concurrency", None) == 2 and cell.draft == "ngram" and not killed:
+            pid = _api_pid("fp32+ngram")
+            assert pid is not None, "the ngram server is not running"
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            time.sleep(1)
+
+    monkeypatch.setattr("qspec.runner.RunContext", _with_fault(kill_ngram_at_2))
+    assert main(["evaluate", "--config", cfg, "--out", str(out), "--quiet"]) == 1
+    assert killed and running_servers() == [], "a server outlived the run"
+    recs = _serving(out)
+    assert all(recs[(None, c)]["status"] == "ok" for c in (1, 2))
+    for c in (1, 2):  # the killed server fails only its own cells, with its last log lines
+        dead = recs[("ngram", c)]
+        assert dead["status"] == "failed" and "stopped answering" in dead["error"], dead
+        assert dead["log_tail"], "no log lines in the failed record"
+    alone = recs[(None, 1)]
+    assert alone["output_tokens"] > 0 and alone["tpot_s"]["n"] >= 2
+    assert alone["engine_version"].startswith("vllm")
+
+    monkeypatch.undo()
+    assert main(["evaluate", "--config", cfg, "--quiet", "--resume", str(out)]) == 0
+    assert running_servers() == []
+    recs = _serving(out)
+    for c in (1, 2):
+        r = recs[("ngram", c)]
+        assert r["status"] == "ok", r["error"]
+        assert r["draft_tokens"] > 0 and 0 <= r["acceptance_rate"] <= 1
+        assert (
+            r["mean_acceptance_length"] >= 1
+            and len(r["position_acceptance_unconditional"]) == r["gamma"] == 2
+        )
+        assert r["lossless"] is True, r["lossless_mismatches"]  # fp32 greedy, n-gram drafts
+        assert (
+            r["speedup_pairs"] >= 2 and r["speedup_ci95"][0] <= r["speedup"] <= r["speedup_ci95"][1]
+        )
+        assert r["n_requests"] == max(2, 2 * c)
+    logs = sorted(p.name for p in (out / "vllm").iterdir())
+    assert logs == ["fp32+alone.log", "fp32+ngram.log"]
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+
+
+def _served_config(tmp_path, model, vllm: str, **overrides) -> str:
+    """A tiny-model run of the served engine alone: fp32 target, n-gram drafts, greedy."""
+    from conftest import write_config
+
+    return write_config(
+        tmp_path / "c.toml",
+        model,
+        engines='["vllm"]',
+        modes='["greedy"]',
+        _target='precisions = ["fp32"]',
+        _draft='precisions = ["ngram"]\nngram_min = 1\nngram_max = 3',
+        _vllm='targets = ["fp32"]\ndrafts = ["ngram"]\n' + vllm,
+        **overrides,
+    )
+
+
+def _serving(out: Path) -> dict:
+    """(draft, concurrency) -> the last serving record of that cell (a resume rewrites it)."""
+    rows = [r for r in store.read(out / "results.jsonl") if r["kind"] == "serving"]
+    return {(r["draft"], r["concurrency"]): r for r in rows}
+
+
+def _with_fault(fault):
+    """RunContext with the fault hook set, as the runner builds it."""
+    from qspec.stages.context import RunContext
+
+    def make(**kwargs):
+        kwargs["fault"] = fault
+        return RunContext(**kwargs)
+
+    return make
+
+
+def test_ctrl_c_while_a_server_starts_leaves_none(tmp_path, servable_model, vllm_ready):
+    import subprocess
+    import sys
+
+    cfg = _served_config(tmp_path, servable_model, "concurrency = [1]\nrepeats = 1")
+    cmd = [sys.executable, "-m", "qspec.cli", "evaluate", "--config", cfg, "--quiet"]
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "run")], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not running_servers() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert running_servers(), "no server was started"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert running_servers() == [], "a server outlived Ctrl-C"
+
+
+def test_existing_deployment_is_measured_as_served(tmp_path, servable_model, vllm_ready):
+    from qspec.backends.vllm_server import Server, ServerSpec
+    from qspec.cli import main
+
+    spec = ServerSpec(
+        "theirs",
+        vllm_python(None),
+        str(servable_model),
+        speculative={
+            "method": "ngram",
+            "num_speculative_tokens": 2,
+            "prompt_lookup_min": 1,
+            "prompt_lookup_max": 3,
+        },
+    )
+    with Server(spec, tmp_path / "theirs.log") as server:
+        server.wait_healthy(240)
+        vllm = f'url = "{server.url}"\nconcurrency = [1, 2]\nrepeats = 1'
+        cfg = _served_config(tmp_path, servable_model, vllm)
+        out = tmp_path / "run"
+        assert main(["evaluate", "--config", cfg, "--out", str(out), "--quiet"]) == 0
+        assert server.alive(), "qspec stopped a server it did not start"
+    recs = _serving(out)
+    assert set(recs) == {(None, 1), (None, 2)}
+    for r in recs.values():
+        assert r["status"] == "ok" and r["target"] == "deployment", r["error"]
+        assert r["server"] == server.url and r["method"] == "as served" and r["gamma"] == 2
+        assert r["draft_tokens"] > 0 and r["speedup"] is None  # no target alone to pair with
+    assert running_servers() == []
