@@ -16,6 +16,7 @@ from qspec.records import (
     PairScreenRecord,
     QualityRecord,
     Record,
+    ServingRecord,
     TaskLosslessRecord,
     TaskRecord,
     VariantRecord,
@@ -116,6 +117,7 @@ class Run:
         self.screens: list[PairScreenRecord] = _of(records, PairScreenRecord)
         self.tasks: list[TaskRecord] = _of(records, TaskRecord)
         self.task_lossless: list[TaskLosslessRecord] = _of(records, TaskLosslessRecord)
+        self.serving: list[ServingRecord] = _of(records, ServingRecord)
 
         tcfg, dcfg = self._model_config("target"), self._model_config("draft")
         self.target_ref, self.draft_ref = tcfg.get("ref"), dcfg.get("ref")

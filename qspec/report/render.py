@@ -24,6 +24,7 @@ from qspec.report.sections import (
     pareto,
     quality,
     response_times,
+    served_engine,
     verdict,
 )
 
@@ -38,6 +39,7 @@ SECTIONS = (
     ("pareto", "Speed, memory and quality", pareto.build),
     ("acceptance", "Acceptance", draft_acceptance.build),
     ("latency", "Latency", response_times.build),
+    ("serving", "Served engine", served_engine.build),
     ("roofline", "Bandwidth roofline", bandwidth.build),
     ("breakdown", "Per suite and category", breakdown.build),
     ("definitions", "Definitions", None),

@@ -9,7 +9,7 @@ from qspec.report.analysis import Run
 from qspec.report.budget import Budget
 from qspec.report.format import fmt, fmt_bytes, fmt_ci, fmt_speedup
 from qspec.report.pairings import Pairing
-from qspec.report.sections import verdict
+from qspec.report.sections import served_engine, verdict
 
 
 def _describe(p: Pairing) -> str:
@@ -30,6 +30,28 @@ def _describe(p: Pairing) -> str:
         return f"target {p.target} alone, {p.mode} ({', '.join(bits)})"
     length = "" if p.draft_length == "fixed" else f", {p.draft_length} draft length"
     return f"target {p.target} + draft {p.draft}, γ={p.gamma}{length}, {p.mode} ({', '.join(bits)})"
+
+
+def served_lines(run: Run) -> list[str]:
+    """Per mode, what to serve in vLLM at each concurrency level (sections/serving.py)."""
+    out = []
+    for mode in served_engine.MODES:
+        levels = served_engine.recommend(run.serving, mode)
+        if not levels:
+            continue
+        said = []
+        for rec in levels:
+            b = rec["best"]
+            if b is None:
+                said.append(f"at {rec['concurrency']}: the target alone")
+            else:
+                ci = fmt_ci(b.speedup_ci95, style="x")
+                said.append(
+                    f"at {rec['concurrency']}: {b.target}+{b.draft} γ={b.gamma} "
+                    f"({fmt_speedup(b.speedup)}, {ci}, n = {b.speedup_pairs})"
+                )
+        out.append(f"Served by vLLM, {mode}, per concurrent requests: {'; '.join(said)}.")
+    return out
 
 
 def summary_text(run_dir: Path, budget: Budget | None = None) -> str:
@@ -75,6 +97,7 @@ def summary_text(run_dir: Path, budget: Budget | None = None) -> str:
                 f"Faster but quality {u.quality.label} (not shown within budget): {_describe(u)}."
             )
         parts.append(f"Behind it: {m['samples']}.")
+    parts += served_lines(run)
     if v["non_lossless"]:
         which = ", ".join(f"{n['target']}+{n['draft']}" for n in v["non_lossless"])
         parts.append(f"WARNING: speculative output is not lossless for {which}.")

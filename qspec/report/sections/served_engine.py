@@ -1,0 +1,151 @@
+"""Served engine: every pairing measured in vLLM per concurrency level. Speedup against vLLM's
+target alone at the same level (paired per request), where each draft stops paying, tokens/s
+and TPOT per level, acceptance from the engine's counters, and the engines side by side: the
+acceptance vLLM counted against qspec's loop and qspec's prediction for the same pairing."""
+
+from __future__ import annotations
+
+from qspec.records import GenerationRecord, Kind, ServingRecord
+from qspec.report import plots
+from qspec.report.analysis import Run
+from qspec.report.format import interval
+
+MODES = ("greedy", "sample")
+
+
+def name(r: ServingRecord) -> str:
+    return f"{r.target} alone" if r.draft is None else f"{r.target} + {r.draft} (γ={r.gamma})"
+
+
+def recommend(records: list[ServingRecord], mode: str) -> list[dict]:
+    """Per level: the fastest pairing whose speedup interval lies above 1, else the target
+    alone (with why)."""
+    out = []
+    levels = sorted({r.concurrency for r in records if r.mode == mode})
+    for level in levels:
+        here = [r for r in records if r.mode == mode and r.concurrency == level and r.ok]
+        faster = [
+            r for r in here if r.draft is not None and (interval(r.speedup_ci95) or (0, 0))[0] > 1
+        ]
+        best = max(faster, key=lambda r: r.speedup, default=None)
+        out.append({"concurrency": level, "best": best, "measured": len(here)})
+    return out
+
+
+def stops_paying(records: list[ServingRecord], mode: str) -> list[dict]:
+    """Per pairing: the levels where its speedup interval is above 1, and the first where not."""
+    out = []
+    for pairing in dict.fromkeys(name(r) for r in records if r.draft is not None):
+        rows = sorted(
+            (r for r in records if r.mode == mode and name(r) == pairing and r.ok),
+            key=lambda r: r.concurrency,
+        )
+        pays = [r.concurrency for r in rows if (interval(r.speedup_ci95) or (0, 0))[0] > 1]
+        stops = next((r.concurrency for r in rows if r.concurrency not in pays), None)
+        out.append({"pairing": pairing, "pays_at": pays, "stops_at": stops, "levels": len(rows)})
+    return out
+
+
+def side_by_side(run: Run, records: list[ServingRecord]) -> list[dict]:
+    """vLLM's acceptance rate next to qspec's measured and predicted one, same pairing and mode,
+    at vLLM's lowest level; flagged where the intervals do not overlap."""
+    cells = {
+        (c.suite, c.target, c.draft, c.gamma, c.mode): c
+        for c in run.spec
+        if c.kind == Kind.SPECULATIVE and c.draft_length == "fixed"
+    }
+    rows = []
+    lowest = {}
+    for r in records:
+        if r.ok and r.draft is not None and r.acceptance_rate is not None:
+            k = (r.suite, r.target, r.draft, r.gamma, r.mode)
+            if k not in lowest or r.concurrency < lowest[k].concurrency:
+                lowest[k] = r
+    for k, r in lowest.items():
+        q: GenerationRecord | None = cells.get(k)
+        rows.append({"r": r, "q": q, "flag": _disagreement(r, q)})
+    return rows
+
+
+def _disagreement(r: ServingRecord, q: GenerationRecord | None) -> str | None:
+    if q is None or q.acceptance_rate is None:
+        return None
+    mine, theirs = interval(r.acceptance_rate_ci95), interval(q.acceptance_rate_ci95)
+    if mine and theirs and (mine[1] < theirs[0] or theirs[1] < mine[0]):
+        return (
+            f"vLLM accepts {r.acceptance_rate:.1%} (95% CI {mine[0]:.1%}–{mine[1]:.1%}, "
+            f"n = {r.draft_tokens} drafts), qspec's loop {q.acceptance_rate:.1%} "
+            f"(95% CI {theirs[0]:.1%}–{theirs[1]:.1%}, n = {q.drafted}): the intervals do not overlap"
+        )
+    return None
+
+
+def _figure(records: list[ServingRecord], mode: str) -> str | None:
+    pairings = list(dict.fromkeys(name(r) for r in records if r.mode == mode and r.ok))
+    if not pairings:
+        return None
+
+    def series(field: str, which: list[str]):
+        out = []
+        for i, p in enumerate(which):
+            rows = sorted(
+                (r for r in records if r.mode == mode and r.ok and name(r) == p),
+                key=lambda r: r.concurrency,
+            )
+            xs = [r.concurrency for r in rows]
+            out.append((p, xs, [getattr(r, field) for r in rows], {"colour": i}))
+        return out
+
+    drafted = [p for p in pairings if not p.endswith(" alone")]
+    panels = [
+        {
+            "title": f"output tokens/s, {mode}",
+            "xlabel": "concurrent requests",
+            "ylabel": "tokens/s (all requests)",
+            "series": series("output_tokens_per_s", pairings),
+        }
+    ]
+    if drafted:
+        panels.insert(
+            0,
+            {
+                "title": f"speedup over the target alone, {mode}",
+                "xlabel": "concurrent requests",
+                "ylabel": "speedup (geometric mean of per-request ratios)",
+                "series": series("speedup", drafted),
+                "hline": 1.0,
+            },
+        )
+    return plots.try_figure("serving", plots.lines, panels)
+
+
+def build(run: Run) -> dict | None:
+    records = run.serving
+    if not records:
+        return None
+    ok = [r for r in records if r.ok]
+    modes = [m for m in MODES if any(r.mode == m for r in records)]
+    first = ok[0] if ok else records[0]
+    return {
+        "rows": sorted(
+            records,
+            key=lambda r: (MODES.index(r.mode), r.draft is not None, name(r), r.concurrency),
+        ),
+        "modes": [
+            {
+                "mode": m,
+                "figure": _figure(records, m),
+                "recommend": recommend(records, m),
+                "stops": stops_paying(records, m),
+            }
+            for m in modes
+        ],
+        "side_by_side": side_by_side(run, records),
+        "failed": [r for r in records if not r.ok],
+        "engine": first.engine_version or first.engine,
+        "hardware": first.hardware or run.hardware_label,
+        "n_prompts": first.n_prompts,
+        "repeats": first.repeats,
+        "max_new_tokens": first.max_new_tokens,
+        "server": first.server,
+    }
