@@ -72,13 +72,20 @@ def test_stream_chunks_with_bundled_tokens():
     r = Result(0, 0)
     _chunk(r, 'data: {"choices":[{"token_ids":[5],"finish_reason":null}]}', 0.5)
     _chunk(r, 'data: {"choices":[{"token_ids":[6,7,8],"finish_reason":null}]}', 0.7)
-    _chunk(r, 'data: {"choices":[],"usage":{"completion_tokens":4}}', 0.71)
+    spec = '{"num_draft_tokens":6,"num_accepted_draft_tokens":3,"mean_acceptance_length":2.0}'
+    _chunk(
+        r, f'data: {{"choices":[],"usage":{{}},"metrics":{{"speculative_decoding":{spec}}}}}', 0.71
+    )
     _chunk(r, 'data: {"choices":[{"token_ids":[9],"finish_reason":"length"}]}', 0.9)
     _chunk(r, "data: [DONE]", 0.95)
     r.e2e_s = 0.95
     assert r.tokens == [5, 6, 7, 8, 9] and r.ttft_s == 0.5 and r.finish_reason == "length"
     assert r.itl_s == pytest.approx([0.2, 0.2])  # two gaps for four tokens after the first
     assert r.tpot_s == pytest.approx((0.95 - 0.5) / 4)  # TPOT counts every token
+    assert r.spec["num_accepted_draft_tokens"] == 3
+    f = LevelLoad(((r,),), (1.0,)).fields()
+    assert f["per_request_acceptance_rate"]["p50"] == pytest.approx(0.5)
+    assert f["per_request_acceptance_length"]["n"] == 1
 
 
 def _result(slot, prompt, tokens, ttft, e2e, chunks=None):

@@ -40,6 +40,8 @@ class Result:
     chunk_tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    # vLLM's per-request acceptance (--per-request-spec-decode-metrics): drafted, accepted, steps
+    spec: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -123,6 +125,9 @@ def _chunk(res: Result, line: str, at: float) -> None:
     if not line.startswith("data: ") or line == "data: [DONE]":
         return
     data = json.loads(line[len("data: ") :])
+    spec = (data.get("metrics") or {}).get("speculative_decoding")
+    if spec:
+        res.spec = spec
     for choice in data.get("choices") or []:
         new = choice.get("token_ids") or []
         if new:

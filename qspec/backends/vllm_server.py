@@ -116,6 +116,8 @@ class ServerSpec:
             cmd += ["--quantization", self.quantization]
         if self.speculative:
             cmd += ["--speculative-config", json.dumps(self.speculative)]
+            # each response's own acceptance (metrics.speculative_decoding on its last chunk)
+            cmd += ["--per-request-spec-decode-metrics", "summary"]
         return cmd + list(self.extra_args)
 
 

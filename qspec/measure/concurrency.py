@@ -10,7 +10,7 @@ import statistics
 from dataclasses import dataclass
 
 from qspec.measure.speedup import Timing
-from qspec.measure.stats import percentile, t_interval, wilson
+from qspec.measure.stats import percentile, spread_of, t_interval, wilson
 
 
 def percentiles(values: list[float]) -> dict | None:
@@ -76,6 +76,14 @@ class LevelLoad:
             if done
             else None,
         }
+        specs = [r.spec for r in done if r.spec and r.spec.get("num_draft_tokens")]
+        if specs:  # the engine's own per-request counts: how much one request's acceptance varies
+            out["per_request_acceptance_rate"] = spread_of(
+                [s["num_accepted_draft_tokens"] / s["num_draft_tokens"] for s in specs]
+            )
+            out["per_request_acceptance_length"] = spread_of(
+                [s.get("mean_acceptance_length") for s in specs]
+            )
         if slo_ttft_s is not None or slo_tpot_s is not None:
             good = [r for r in done if _within(r, slo_ttft_s, slo_tpot_s)]
             out["goodput_requests_per_s"] = len(good) / wall if wall > 0 else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Literal
 
 from qspec.records.base import Kind, Mode, Part, Record
+from qspec.records.cell import Spread
 
 
 class Percentiles(Part):
@@ -66,6 +67,9 @@ class ServingRecord(Record):
     acceptance_rate_ci95: list[float] | None = None  # Wilson, n = draft_tokens
     mean_acceptance_length: float | None = None  # 1 + accepted / drafts (bonus token included)
     position_acceptance_unconditional: list[float] = []  # accepted at i / drafts
+    # per request, from vLLM's per-request spec-decode metrics: p10/p50/p90 across requests
+    per_request_acceptance_rate: Spread | None = None
+    per_request_acceptance_length: Spread | None = None
     # against vLLM's target alone at the same level, paired per request (same prompt, same
     # slot in the schedule, the two servers alternated repeat by repeat)
     speedup: float | None = None  # geometric mean of per-request tokens/s ratios
