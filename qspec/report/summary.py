@@ -32,6 +32,23 @@ def _describe(p: Pairing) -> str:
     return f"target {p.target} + draft {p.draft}, γ={p.gamma}{length}, {p.mode} ({', '.join(bits)})"
 
 
+def not_lossless_line(run: Run, pairs: list[dict]) -> str:
+    """Which pairings are not lossless, and whether their targets explain it (batch invariance)."""
+    variant = {v.precision: v.batch_invariant for v in run.variants if v.ok}
+    shown = ", ".join(f"{n['target']}+{n['draft']}" for n in pairs[:4])
+    shown += f" and {len(pairs) - 4} more" if len(pairs) > 4 else ""
+    suspect = [f"{n['target']}+{n['draft']}" for n in pairs if variant.get(n["target"]) is True]
+    if suspect:
+        return f"WARNING: not lossless: {shown}; on batch-invariant targets: {', '.join(suspect)}."
+    if any(variant.get(n["target"]) is None for n in pairs):
+        return f"Not lossless: {shown}; their targets' batch invariance was not measured."
+    targets = ", ".join(dict.fromkeys(n["target"] for n in pairs))
+    return (
+        f"Not lossless: {shown}; expected, their targets ({targets}) are not batch-invariant "
+        "(one k-token forward differs from k one-token forwards): see Batch invariance."
+    )
+
+
 def served_lines(run: Run) -> list[str]:
     """Per mode, what to serve in vLLM at each concurrency level (sections/serving.py)."""
     out = []
@@ -99,13 +116,12 @@ def summary_text(run_dir: Path, budget: Budget | None = None) -> str:
         parts.append(f"Behind it: {m['samples']}.")
     parts += served_lines(run)
     if v["non_lossless"]:
-        which = ", ".join(f"{n['target']}+{n['draft']}" for n in v["non_lossless"])
-        parts.append(f"WARNING: speculative output is not lossless for {which}.")
+        parts.append(not_lossless_line(run, v["non_lossless"]))
     if v["n_failed"]:
         parts.append(f"{v['n_failed']} cell(s) failed or were unavailable.")
     if v["status"] not in ("complete",):
         parts.append(f"The run is {v['status']}: results are incomplete.")
     if run.is_cpu:
         parts.append("Timings on CPU are not representative of GPU serving.")
-    # names come from results files: keep terminal control sequences out of the output
-    return "".join(ch if ch.isprintable() else " " for ch in " ".join(parts))
+    # one line per statement; names come from results files: no terminal control sequences
+    return "\n".join("".join(ch if ch.isprintable() else " " for ch in p) for p in parts)
