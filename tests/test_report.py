@@ -618,3 +618,29 @@ def test_a_failing_figure_leaves_its_table(tmp_path, monkeypatch, caplog):
     assert "section-error" not in html and "<img" not in m
     assert "target ↓ / draft →" in m and "1.52×" in m  # the table still carries the numbers
     assert "matrix figure failed: simulated matplotlib failure" in caplog.text
+
+
+def test_uncertain_cells_are_marked_with_n():
+    from qspec.records import GenerationRecord
+    from qspec.report.sections.matrix import _panels, uncertainty
+
+    def cell(draft, tested, ci):
+        return GenerationRecord(
+            kind="speculative", suite="s", target="fp32", draft=draft, gamma=3, mode="sample",
+            tested=tested, drafted=tested + 4, alpha_measured=0.5, acceptance_rate=0.4,
+            speedup=1.1, speedup_ci95=ci, tau=1.5,
+        )  # fmt: skip
+
+    few = cell("ngram", 5, [0.6, 1.9])
+    sure = cell("int8", 400, [1.05, 1.15])
+    assert uncertainty(sure) == []
+    why = uncertainty(few)
+    assert any("5 tested drafts" in w for w in why) and any("interval wider" in w for w in why)
+    panels = _panels(
+        {("fp32", "ngram"): few, ("fp32", "int8"): sure}, ["fp32"], ["ngram", "int8"], 3
+    )
+    marks = {p["title"]: p.get("uncertain") for p in panels}
+    assert marks["α measured (α predicted)"] == {(0, 0): "n=5"}
+    assert marks["acceptance rate"] == {(0, 0): "n=9"}
+    assert (0, 0) in marks["measured speedup (×)"] and (0, 1) not in marks["measured speedup (×)"]
+    assert plots.heatmaps(panels, ["fp32"], ["ngram", "int8"], "t").startswith("data:image/svg")

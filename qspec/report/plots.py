@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 
 RC = {
     "svg.fonttype": "path",  # glyphs as paths: renders the same without any font on the viewer
@@ -82,7 +83,8 @@ def to_uri(fig: Figure) -> str:
 
 def heatmaps(panels: list[dict], rows: Sequence[str], cols: Sequence[str], title: str) -> str:
     """Side-by-side annotated heatmaps; panel: {title, values (rows x cols, None = empty),
-    fmt (callable), cmap, vmin, vmax, notes (optional rows x cols extra text)}."""
+    fmt (callable), cmap, vmin, vmax, notes (optional rows x cols extra text), uncertain
+    (optional {(row, col): why}: drawn hatched, with the why)}."""
     with matplotlib.rc_context(RC):
         n = len(panels)
         rows, cols = [label(r, 24) for r in rows], [label(c, 24) for c in cols]
@@ -111,6 +113,13 @@ def heatmaps(panels: list[dict], rows: Sequence[str], cols: Sequence[str], title
                     frac = (v - lo) / (hi - lo) if hi > lo else 0.5
                     colour = "white" if frac < 0.45 else "black"
                     text = p["fmt"](v) + (f"\n{note}" if note else "")
+                    few = (p.get("uncertain") or {}).get((i, j))
+                    if few:  # hatched, with its n: a figure on few samples must not look sure
+                        ax.add_patch(
+                            Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                      edgecolor="#444444", lw=0, alpha=0.6)
+                        )  # fmt: skip
+                        text += f"\n({few})"
                     ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=8)
         fig.suptitle(label(title, 100))
         return to_uri(fig)

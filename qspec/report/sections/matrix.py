@@ -8,7 +8,7 @@ import math
 from qspec.records import GenerationRecord, Kind
 from qspec.report import plots
 from qspec.report.analysis import Run, draft_name, pos
-from qspec.report.format import fmt, text
+from qspec.report.format import fmt, interval, text
 
 Grid = dict[tuple[str, str], GenerationRecord]
 
@@ -22,7 +22,11 @@ def build(run: Run) -> dict:
             keys.append(key)
     keys.sort(key=lambda k: (pos(run.suites, k[0]), pos(run.modes, k[1]), k[2]))
     groups = [_group(run, *k) for k in keys]
-    return {"groups": [g for g in groups if g is not None]}
+    return {
+        "groups": [g for g in groups if g is not None],
+        "few_drafts": FEW_DRAFTS,
+        "wide_speedup": WIDE_SPEEDUP,
+    }
 
 
 def _group(run: Run, suite: str, mode: str, gamma: int) -> dict | None:
@@ -44,7 +48,12 @@ def _group(run: Run, suite: str, mode: str, gamma: int) -> dict | None:
         {
             "target": t,
             "cells": [
-                {"spec": spec.get((t, d)), "hf": hf.get((t, d)), "failed": failed.get((t, d))}
+                {
+                    "spec": spec.get((t, d)),
+                    "hf": hf.get((t, d)),
+                    "failed": failed.get((t, d)),
+                    "uncertain": uncertainty(spec[(t, d)]) if (t, d) in spec else [],
+                }
                 for d in cols
             ],
         }
@@ -74,6 +83,7 @@ def _panels(spec: Grid, rows: list[str], cols: list[str], gamma: int) -> list[di
         return [[getattr(spec.get((t, d)), field, None) for d in cols] for t in rows]
 
     sp = [[v if v is not None and v > 0 else None for v in r] for r in grid("speedup")]
+    cells = [[spec.get((t, d)) for d in cols] for t in rows]
     top = max([abs(math.log(v)) for r in sp for v in r if v] + [math.log(1.5)])
     alpha_notes = [
         [None if v is None else f"pred {fmt(v)}" for v in r] for r in grid("alpha_predicted")
@@ -86,6 +96,7 @@ def _panels(spec: Grid, rows: list[str], cols: list[str], gamma: int) -> list[di
             "cmap": "RdBu",
             "vmin": -top,
             "vmax": top,
+            "uncertain": _uncertain(cells, wide_speedup),
         },
         {
             "title": "acceptance rate",
@@ -94,6 +105,7 @@ def _panels(spec: Grid, rows: list[str], cols: list[str], gamma: int) -> list[di
             "cmap": "viridis",
             "vmin": 0,
             "vmax": 1,
+            "uncertain": _uncertain(cells, few_drafted),
         },
         {
             "title": f"τ (tokens/step, max {gamma + 1})",
@@ -111,5 +123,47 @@ def _panels(spec: Grid, rows: list[str], cols: list[str], gamma: int) -> list[di
             "vmin": 0,
             "vmax": 1,
             "notes": alpha_notes,
+            "uncertain": _uncertain(cells, few_tested),
         },
     ]
+
+
+# A figure resting on fewer tested drafts than this, or a speedup interval wider than this
+# ratio (high / low), is marked in the heatmaps and the table: it must not look as sure as
+# one measured on hundreds.
+FEW_DRAFTS = 20
+WIDE_SPEEDUP = 1.5
+
+
+def few_tested(c) -> str | None:
+    return f"n={c.tested}" if c.tested is not None and c.tested < FEW_DRAFTS else None
+
+
+def few_drafted(c) -> str | None:
+    return f"n={c.drafted}" if c.drafted is not None and c.drafted < FEW_DRAFTS else None
+
+
+def wide_speedup(c) -> str | None:
+    ci = interval(c.speedup_ci95)
+    if ci is None or ci[0] <= 0 or ci[1] / ci[0] <= WIDE_SPEEDUP:
+        return None
+    return f"CI {ci[0]:.2f}–{ci[1]:.2f}"
+
+
+def uncertainty(c) -> list[str]:
+    """Why a cell's figures are uncertain, for the table (empty when they are not)."""
+    out = []
+    if few_tested(c):
+        out.append(f"α on {c.tested} tested drafts (< {FEW_DRAFTS})")
+    if wide_speedup(c):
+        out.append(f"speedup interval wider than {WIDE_SPEEDUP}× ({wide_speedup(c)})")
+    return out
+
+
+def _uncertain(cells, why) -> dict:
+    return {
+        (i, j): why(c)
+        for i, row in enumerate(cells)
+        for j, c in enumerate(row)
+        if c is not None and why(c)
+    }
