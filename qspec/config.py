@@ -143,8 +143,10 @@ class VllmSettings(Strict):
     url: str | None = None
     api_key_env: str | None = None  # the environment variable holding that server's API key
     # target precisions and drafts served; vLLM on CPU loads fp32/bf16 and GPTQ builds, and
-    # ngram lookup; others are recorded as unavailable with vLLM's reason
-    targets: list[str] = ["fp32"]
+    # ngram lookup; others are recorded as unavailable with vLLM's reason. bf16: a draft runs
+    # in its target's dtype, and vLLM's GPTQ kernels take only fp16/bf16 (an fp32 target with a
+    # GPTQ draft is refused)
+    targets: list[str] = ["bf16"]
     drafts: list[str] = ["gptq-int4", "ngram"]
     gamma: int | None = Field(default=None, ge=1, le=MAX_GAMMA, description="None: max(gammas)")
     concurrency: list[int] = Field(default=[1, 4], min_length=1)

@@ -283,6 +283,7 @@ def test_server_that_exits_reports_its_log(tmp_path):
     with pytest.raises(ServerError, match="exited with code 3") as err:
         server.wait_healthy(30)
     assert any("Unknown quantization" in line for line in err.value.log_tail)
+    assert err.value.refused and "Unknown quantization method: bitsandbytes" in str(err.value)
     server.stop(grace_s=1)
     assert "--quantization" in ServerSpec("y", python, "m", quantization="bitsandbytes").command(1)
     assert "127.0.0.1" in server.spec.command(server.port)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,9 +32,10 @@ PR_SET_PDEATHSIG = 1
 class ServerError(RuntimeError):
     """A server that would not start, stopped answering, or died: with its last log lines."""
 
-    def __init__(self, message: str, log_tail: list[str] | None = None):
+    def __init__(self, message: str, log_tail: list[str] | None = None, refused: bool = False):
         super().__init__(message)
         self.log_tail = log_tail or []
+        self.refused = refused  # vLLM refused this model or setting here: unavailable, not failed
 
 
 def vllm_python(configured: str | None) -> Path:
@@ -175,11 +177,12 @@ class Server:
         start = time.monotonic()
         while time.monotonic() - start < timeout_s:
             if not self.alive():
-                tail = self.log_tail()
+                cause, refused = root_cause(self.log_path)
                 raise ServerError(
                     f"vLLM server {self.spec.name!r} exited with code {self.proc.returncode} "
-                    f"while starting: {reason(tail)}",
-                    tail,
+                    f"while starting: {cause or 'see its log'}",
+                    self.log_tail(),
+                    refused,
                 )
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
@@ -214,12 +217,29 @@ class Server:
             self.proc.kill()
 
 
-def reason(log_tail: list[str]) -> str:
-    """The last line of a log that names an error (vLLM's own words), else its last line."""
-    for line in reversed(log_tail):
-        if "Error" in line or "error:" in line:
-            return line.strip()[:400]
-    return (log_tail[-1].strip() if log_tail else "no log output")[:400]
+# vLLM's words when it refuses a model or setting on this device (a refusal, not a fault)
+REFUSALS = (
+    "Unknown quantization method",
+    "is not supported",
+    "not supported for",
+    "NotImplementedError",
+)
+CAUSE = re.compile(r"(Value error, |ValueError: |NotImplementedError: |RuntimeError: )(.*)")
+
+
+def root_cause(log_path: Path) -> tuple[str | None, bool]:
+    """The first error line vLLM logged (the root cause; later lines are its consequences),
+    and whether it is a refusal of this model or device."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return None, False
+    for line in text.splitlines():
+        m = CAUSE.search(line)
+        if m:
+            cause = m[2].split(" [type=")[0].strip()[:400]
+            return cause, any(r in line for r in REFUSALS)
+    return None, False
 
 
 def _signal_group(pgid: int, sig: int) -> None:

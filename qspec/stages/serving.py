@@ -154,17 +154,10 @@ def _start(ctx: RunContext, s: Served, target: str, prompts) -> None:
     except Skip as skip:
         s.fail(skip.status, skip.reason)
     except ServerError as err:
-        s.fail(_unavailable_or_failed(err), str(err), err.log_tail)
+        s.fail("unavailable" if err.refused else "failed", str(err), err.log_tail)
     except Exception as err:  # noqa: BLE001
         log.debug(traceback.format_exc())
         s.fail("failed", f"{type(err).__name__}: {err}")
-
-
-def _unavailable_or_failed(err: ServerError) -> str:
-    """A server that vLLM refuses to build for this model or device is unavailable, not failed."""
-    text = "\n".join(err.log_tail)
-    refusals = ("Unknown quantization method", "not supported", "NotImplementedError")
-    return "unavailable" if any(r in text for r in refusals) else "failed"
 
 
 def _server_spec(ctx: RunContext, target: str, draft: str | None, prompts) -> ServerSpec:

@@ -61,9 +61,13 @@ def side_by_side(run: Run, records: list[ServingRecord]) -> list[dict]:
             k = (r.suite, r.target, r.draft, r.gamma, r.mode)
             if k not in lowest or r.concurrency < lowest[k].concurrency:
                 lowest[k] = r
-    for k, r in lowest.items():
-        q: GenerationRecord | None = cells.get(k)
-        rows.append({"r": r, "q": q, "flag": _disagreement(r, q)})
+    for (suite, target, draft, gamma, mode), r in lowest.items():
+        # the same target precision where qspec ran it, else qspec's reference target
+        q: GenerationRecord | None = cells.get((suite, target, draft, gamma, mode))
+        if q is None:
+            q = cells.get((suite, run.reference, draft, gamma, mode))
+        same = q is not None and q.target == target
+        rows.append({"r": r, "q": q, "same_target": same, "flag": _disagreement(r, q)})
     return rows
 
 
