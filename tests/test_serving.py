@@ -184,22 +184,22 @@ def test_paired_speedup_and_lossless_per_level():
 def test_verdict_per_level():
     from qspec.report.sections.served_engine import recommend, stops_paying
 
-    def rec(draft, c, sp, ci):
+    def rec(draft, c, sp, ci, tps):
         return ServingRecord(
             suite="s", target="fp32", draft=draft, gamma=3 if draft else 0, mode="greedy",
-            concurrency=c, speedup=sp, speedup_ci95=ci,
+            concurrency=c, speedup=sp, speedup_ci95=ci, output_tokens_per_s=tps,
         )  # fmt: skip
 
     records = [
-        rec(None, 1, None, None),
-        rec("ngram", 1, 1.4, [1.2, 1.6]),
-        rec("gptq-int4", 1, 1.6, [1.1, 2.1]),
-        rec(None, 4, None, None),
-        rec("ngram", 4, 1.05, [0.9, 1.2]),
-        rec("gptq-int4", 4, 0.8, [0.7, 0.9]),
+        rec(None, 1, None, None, 10.0),
+        rec("ngram", 1, 1.4, [1.2, 1.6], 14.0),
+        rec("gptq-int4", 1, 1.6, [1.1, 2.1], 16.0),
+        rec(None, 4, None, None, 40.0),
+        rec("ngram", 4, 1.05, [0.9, 1.2], 42.0),  # faster, but its interval reaches below 1
+        rec("gptq-int4", 4, 0.8, [0.7, 0.9], 32.0),
     ]
     levels = {r["concurrency"]: r["best"] for r in recommend(records, "greedy")}
-    assert levels[1].draft == "gptq-int4" and levels[4] is None
+    assert levels[1].draft == "gptq-int4" and levels[4].draft is None
     stops = {s["pairing"]: s for s in stops_paying(records, "greedy")}
     assert (
         stops["fp32 + ngram (γ=3)"]["pays_at"] == [1]

@@ -60,7 +60,9 @@ def served_lines(run: Run) -> list[str]:
         for rec in levels:
             b = rec["best"]
             if b is None:
-                said.append(f"at {rec['concurrency']}: the target alone")
+                said.append(f"at {rec['concurrency']}: nothing measured")
+            elif b.draft is None:
+                said.append(f"at {rec['concurrency']}: {b.target} alone")
             else:
                 ci = fmt_ci(b.speedup_ci95, style="x")
                 said.append(

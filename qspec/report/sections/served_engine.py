@@ -18,16 +18,19 @@ def name(r: ServingRecord) -> str:
 
 
 def recommend(records: list[ServingRecord], mode: str) -> list[dict]:
-    """Per level: the fastest pairing whose speedup interval lies above 1, else the target
-    alone (with why)."""
+    """Per level, what to serve: the highest total tokens/s among the targets alone and the
+    pairings whose speedup interval over their own target alone lies above 1."""
     out = []
     levels = sorted({r.concurrency for r in records if r.mode == mode})
     for level in levels:
         here = [r for r in records if r.mode == mode and r.concurrency == level and r.ok]
-        faster = [
-            r for r in here if r.draft is not None and (interval(r.speedup_ci95) or (0, 0))[0] > 1
+        candidates = [
+            r
+            for r in here
+            if r.output_tokens_per_s is not None
+            and (r.draft is None or (interval(r.speedup_ci95) or (0, 0))[0] > 1)
         ]
-        best = max(faster, key=lambda r: r.speedup, default=None)
+        best = max(candidates, key=lambda r: r.output_tokens_per_s, default=None)
         out.append({"concurrency": level, "best": best, "measured": len(here)})
     return out
 
