@@ -296,8 +296,10 @@ def test_real_engine_matches_reference_nf4_draft(real, prompt_id, request):
     # full forwards (32 draft forwards, max |dlogit| 0.41; the narrowest top-2 margin, 0.0075
     # at new token 14, happened to hold), so it matches; the bf16 kernel does not promise it.
     # qa-break has one flip (15 draft forwards, max |dlogit| 0.51): see NF4_BF16_REASON.
+    # Not strict: whether the flip happens depends on the machine's bf16 rounding (an Intel
+    # Xeon with AVX512-BF16 kept the margin and matched).
     if prompt_id == "qa-break" and bf16_kernel:
         request.applymarker(
-            pytest.mark.xfail(strict=True, raises=AssertionError, reason=NF4_BF16_REASON)
+            pytest.mark.xfail(strict=False, raises=AssertionError, reason=NF4_BF16_REASON)
         )
     assert_same(gen, ref)

@@ -437,7 +437,7 @@ def test_default_suite_real_model(real_model, tmp_path):
     }
     for rec in records:
         assert rec.status == "ok" and rec.n == 20 and 0.0 <= rec.value <= 1.0
-        print(f"{rec['task']} {rec['metric']} = {rec['value']:.3f} ({rec['seconds']:.1f} s)")
+        print(f"{rec.task} {rec.metric} = {rec.value:.3f} ({rec.seconds:.1f} s)")
     # a 135M instruct model does better than chance on the function-name quiz
     assert got[("qspec_default_docname", "acc")].value > 0.0
 
@@ -466,7 +466,7 @@ def test_lossless_nf4_self_draft(real_model, default_model_dir, tmp_path):
         task="qspec_default_import",
         limit=20,
     )
-    print(textwrap.shorten(json.dumps(res), 400))
+    print(textwrap.shorten(json.dumps(res.dump()), 400))
     assert res.status == "ok", res
     assert res.n == 20
     assert res.equal is True and res.outputs_identical is True
