@@ -9,8 +9,16 @@ from contextlib import contextmanager
 
 
 class Progress:
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, eta=None):
         self.quiet = quiet
+        self.eta = eta  # the whole run's estimate (eta.Eta), or None
+
+    def run_left(self) -> str:
+        """'; run ~4 min left' once the run's estimate has a basis, else ''."""
+        left = self.eta.left() if self.eta is not None else None
+        if left is None:
+            return ""
+        return f"; run ~{left / 60:.0f} min left" if left >= 90 else f"; run ~{left:.0f}s left"
 
     @contextmanager
     def task(self, name: str, total: int) -> Iterator[Callable[[str], None]]:
@@ -43,7 +51,7 @@ class Progress:
                 if started[0]:
                     bar.advance(task)
                 started[0] = True
-                bar.update(task, description=f"{name}: {description}")
+                bar.update(task, description=f"{name}: {description}{self.run_left()}")
 
             yield advance
             bar.update(task, completed=total, description=f"{name}: done")
@@ -57,7 +65,8 @@ class Progress:
                 return
             done = count[0] - 1
             elapsed = time.perf_counter() - start
-            left = f", ~{elapsed / done * (total - done):.0f}s left" if done else ""
-            print(f"[{count[0]}/{total}] {name}: {description}{left}", file=sys.stderr, flush=True)
+            left = f", ~{elapsed / done * (total - done):.0f}s left in {name}" if done else ""
+            line = f"[{count[0]}/{total}] {name}: {description}{left}{self.run_left()}"
+            print(line, file=sys.stderr, flush=True)
 
         return advance

@@ -15,8 +15,9 @@ import torch
 from qspec import store
 from qspec.config import RunConfig, resolve_defaults
 from qspec.environment import describe, hardware, pick_device, quiet_transformers, versions
+from qspec.eta import Eta
 from qspec.measure.roofline import copy_bandwidth
-from qspec.plan import Cell, Finished
+from qspec.plan import Cell, Finished, planned
 from qspec.progress import Progress
 from qspec.records import Record, RunInfo, parse
 from qspec.stages import STAGES
@@ -53,11 +54,10 @@ def run_evaluation(
         started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     store.write_json(out / "run.json", info.model_dump())
-    previous = [r for r in map(parse, store.read(results)) if r is not None] if resume else []
-    if not resume and results.exists():
-        results.unlink()
+    finished, failed = _previous(results, resume), 0
     calibration = calibration_texts(suites)
-    failed = 0
+    # the whole run's time left, from what this run measures as it goes (eta.py)
+    eta = Eta(planned(cfg, [s.plan() for s in suites], device.type, info.versions), finished.stage)
     try:
         ctx = RunContext(
             cfg=cfg,
@@ -65,22 +65,32 @@ def run_evaluation(
             suites={s.name: s for s in suites},
             work_dir=out,
             models=Models(cfg, device, calibration),
-            finished=Finished(previous),
+            finished=finished,
             bandwidth=info.memory_bandwidth,
             fault=fault,
         )
-        progress = Progress(quiet=quiet)
+        progress = Progress(quiet=quiet, eta=eta)
         for record in _records(ctx, calibration, progress, info, out):
             failed += write(results, record)
+            eta.seen(record)
         info.status = "complete" if not failed else "partial"
     except KeyboardInterrupt:
         info.status = "interrupted"
         raise
     finally:
         info.finished = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        info.timeline = eta.timeline
         info.cells_failed = failed
         store.write_json(out / "run.json", info.model_dump())
     return 1 if failed else 0
+
+
+def _previous(results: Path, resume: bool) -> Finished:
+    """On resume, what an earlier attempt stored; otherwise a clean results file."""
+    if not resume:
+        results.unlink(missing_ok=True)
+        return Finished()
+    return Finished([r for r in map(parse, store.read(results)) if r is not None])
 
 
 def _records(ctx: RunContext, calibration, progress, info: RunInfo, out: Path):

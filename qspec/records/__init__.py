@@ -142,3 +142,5 @@ class RunInfo(BaseModel):
     # how the cells ran: "local" (one process, one cell at a time) or "ray", with the
     # cluster's size and what each job asked for
     executor: dict[str, Any] | None = None
+    # (item kind, seconds) of each planned item as it finished, in order (eta.py's rates)
+    timeline: list[tuple[str, float]] = []

@@ -1,0 +1,58 @@
+"""The whole run's time left: no guess before anything finished, stored items excluded on
+resume, and, replayed on a recorded default run's timeline, never off by more than a factor
+of two after the first fifth of the run (also on a machine three times slower, with the
+variant builds as fast: they come from the cache)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from qspec.eta import PRIOR, Eta, replay
+
+TIMELINE = Path(__file__).parent / "data" / "timeline-default.json"
+BUILDS = ("variant", "variant gptq-int4")
+
+
+def _planned(kinds):
+    return [
+        SimpleNamespace(keys={f"k{i}"}, record=SimpleNamespace(kind=k, precision=None))
+        for i, k in enumerate(kinds)
+    ]
+
+
+def test_no_estimate_before_anything_finished_and_resume_skips_stored_items():
+    now = [0.0]
+    eta = Eta(_planned(["variant", "speculative", "speculative", "task"]), lambda k: k == "k0",
+              clock=lambda: now[0])  # fmt: skip
+    assert eta.left() is None
+    now[0] = 10.0
+    eta.seen(SimpleNamespace(key="k1", stage_key=None))
+    # one more cell at the measured 10 s, a task costed by its prior scaled like the cell
+    left = eta.left()
+    assert left == pytest.approx(10.0 + PRIOR["task"] * 10.0 / PRIOR["speculative"])
+    eta.seen(SimpleNamespace(key="k1", stage_key=None))  # a second record of a finished item
+    eta.seen(SimpleNamespace(key="nope", stage_key=None))  # not planned
+    assert eta.left() == pytest.approx(left)
+    assert eta.timeline == [("speculative", 10.0)]
+    now[0] = 10.1  # a second cell yielded with the first (one group): the 10 s are shared
+    eta.seen(SimpleNamespace(key="k2", stage_key=None))
+    assert eta.timeline == [("speculative", 5.05), ("speculative", 5.05)]
+    assert eta.left() == pytest.approx(PRIOR["task"] * 10.1 / (2 * PRIOR["speculative"]))
+
+
+@pytest.mark.parametrize("slower", [1.0, 3.0])
+def test_within_a_factor_of_two_after_a_fifth_of_a_recorded_run(slower):
+    recorded = json.loads(TIMELINE.read_text())["timeline"]
+    timeline = [(k, s * (1.0 if k in BUILDS else slower)) for k, s in recorded]
+    total = sum(s for _, s in timeline)
+    checked = 0
+    for elapsed, true_left, estimate in replay(timeline):
+        if elapsed >= 0.2 * total and true_left > 30:
+            assert estimate is not None
+            assert 0.5 <= estimate / true_left <= 2.0, (elapsed, true_left, estimate)
+            checked += 1
+    assert checked >= 10
