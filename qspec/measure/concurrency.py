@@ -10,7 +10,7 @@ import statistics
 from dataclasses import dataclass
 
 from qspec.measure.speedup import Timing
-from qspec.measure.stats import percentile, spread_of, t_interval, wilson
+from qspec.measure.stats import percentile, ratio_interval, spread_of, wilson
 
 
 def percentiles(values: list[float]) -> dict | None:
@@ -56,7 +56,9 @@ class LevelLoad:
     def fields(self, slo_ttft_s: float | None = None, slo_tpot_s: float | None = None) -> dict:
         done = self.ok()
         totals = self.totals_per_s()
-        mean_total, low, high = t_interval(totals)
+        # geometric mean over repeats and its interval in log space: a throughput is positive,
+        # and two repeats give a t interval that would reach below zero
+        mean_total, low, high = ratio_interval(totals)
         wall = sum(self.walls)
         out = {
             "failed_requests": sum(1 for rep in self.repeats for r in rep if not r.ok),

@@ -46,8 +46,8 @@ class ServingRecord(Record):
     failed_requests: int | None = None
     # throughput (means over repeats; each repeat's wall time from first send to last token)
     output_tokens: int | None = None  # over every repeat
-    output_tokens_per_s: float | None = None  # all requests together
-    output_tokens_per_s_ci95: list[float] | None = None  # over repeats (t interval)
+    output_tokens_per_s: float | None = None  # all requests together, geometric mean of repeats
+    output_tokens_per_s_ci95: list[float] | None = None  # over repeats, in log space
     tokens_per_s_per_request: float | None = None  # mean of each request's tokens / e2e
     requests_per_s: float | None = None
     goodput_requests_per_s: float | None = None  # within slo_ttft_s and slo_tpot_s
