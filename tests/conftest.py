@@ -11,20 +11,24 @@ from transformers import LlamaConfig, LlamaForCausalLM
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def tiny_llama(seed: int, vocab: int = 64, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
+def tiny_llama(
+    seed: int, vocab: int = 64, hidden: int = 32, layers: int = 2, heads: int = 4, **config
+) -> LlamaForCausalLM:
+    """A random Llama; `config` overrides LlamaConfig fields (token ids, positions, kv heads)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    fields = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=256,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
     )
+    cfg = LlamaConfig(**{**fields, **config})
     model = LlamaForCausalLM(cfg).eval()
     with (
         torch.no_grad()

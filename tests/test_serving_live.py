@@ -30,26 +30,13 @@ def vllm_ready():
 @pytest.fixture(scope="module")
 def servable_model(tmp_path_factory, default_model_dir):
     """A tiny random Llama with the SmolLM2 tokenizer, in a head size vLLM's CPU kernels take."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_llama
+    from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp("servable")
     tok = AutoTokenizer.from_pretrained(default_model_dir)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(5)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # sharp distributions: greedy paths are not ties
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    model = tiny_llama(5, vocab=len(tok), hidden=128, heads=2, max_position_embeddings=2048, **ids)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
