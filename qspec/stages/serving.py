@@ -81,7 +81,7 @@ def serving_stage(ctx: RunContext, progress) -> Iterator[ServingRecord]:
             # the target alone is measured again with any pairing: speedups are paired in time
             if not any(c in todo for c in group):
                 continue
-            for rec in _measure_target(ctx, suite, target, group, version):
+            for rec in _measure_target(ctx, suite, target, group, set(todo), version):
                 rec.key = keys[_cell_of(rec, group)]
                 advance(rec.target + "/" + (rec.draft or "-") + f" c={rec.concurrency}")
                 yield rec
@@ -92,13 +92,17 @@ def _cell_of(rec: ServingRecord, group: list[ServingCell]) -> ServingCell:
     return next(c for c in group if (c.draft, c.mode, c.concurrency) == coords)
 
 
-def _measure_target(ctx: RunContext, suite: str, target: str, group, version):
+def _measure_target(ctx: RunContext, suite: str, target: str, group, todo: set, version):
+    """One target's servers, swept together: the target alone (always: every speedup pairs
+    with it) and each pairing with a cell still to measure."""
     v = ctx.cfg.vllm
     prompts = _prompts(ctx, suite)
     by_draft: dict[str | None, list[ServingCell]] = {}
     for c in group:
         by_draft.setdefault(c.draft, []).append(c)
-    served = [Served(d, cs) for d, cs in by_draft.items()]
+    served = [
+        Served(d, cs) for d, cs in by_draft.items() if d is None or any(c in todo for c in cs)
+    ]
     try:
         for s in served:
             _start(ctx, s, target, prompts)
