@@ -10,20 +10,14 @@ import statistics
 from dataclasses import dataclass
 
 from qspec.measure.speedup import Timing
-from qspec.measure.stats import percentile, ratio_interval, spread_of, wilson
+from qspec.measure.stats import quantiles, ratio_interval, spread_of, wilson
 
 
 def percentiles(values: list[float]) -> dict | None:
     """p50/p95/p99 and mean of a latency, with its sample count (the Percentiles record part)."""
     if not values:
         return None
-    return {
-        "p50": percentile(values, 50),
-        "p95": percentile(values, 95),
-        "p99": percentile(values, 99),
-        "mean": statistics.fmean(values),
-        "n": len(values),
-    }
+    return {**quantiles(values, (50, 95, 99)), "mean": statistics.fmean(values)}
 
 
 @dataclass(frozen=True)

@@ -138,14 +138,12 @@ def percentile(values: list[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def quantiles(values: list[float], qs: tuple[int, ...]) -> dict:
+    """{"p<q>": ..., "n": ...} of the values (linear interpolation), for the record parts."""
+    return {**{f"p{q}": percentile(values, q) for q in qs}, "n": len(values)}
+
+
 def spread_of(values: list[float | None]) -> dict | None:
     """p10/p50/p90 across requests (prompts): how much one request's figure can differ."""
     xs = [v for v in values if v is not None]
-    if not xs:
-        return None
-    return {
-        "p10": percentile(xs, 10),
-        "p50": percentile(xs, 50),
-        "p90": percentile(xs, 90),
-        "n": len(xs),
-    }
+    return quantiles(xs, (10, 50, 90)) if xs else None
