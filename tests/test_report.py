@@ -531,6 +531,17 @@ class DevTools:
         os.close(self._out)
 
 
+# Each table whose right edge (or its scrolling box's) passes its section's: "section id: the
+# table's first header".
+OVERFLOWING_TABLES = """
+[...document.querySelectorAll('section table')].filter(t => {
+  const card = t.closest('section').getBoundingClientRect();
+  const box = (t.closest('.scroll') || t).getBoundingClientRect();
+  return box.right > card.right + 1 || box.left < card.left - 1;
+}).map(t => t.closest('section').id + ': ' + (t.querySelector('th') || t).textContent.slice(0, 40))
+"""
+
+
 def chromium_binary() -> str:
     for b in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
         if b and os.path.exists(b):
@@ -565,8 +576,21 @@ def test_chromium_renders_offline_without_errors(rendered, tmp_path):
             {"expression": "document.documentElement.scrollHeight", "returnByValue": True},
             session=session,
         )["result"]["value"]
+        # a 1280 x 800 window: no table may reach past its card (one that scrolls inside its
+        # own box, first column fixed, is fine)
+        browser.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False},
+            session=session,
+        )
+        overflow = browser.call(
+            "Runtime.evaluate",
+            {"expression": OVERFLOWING_TABLES, "returnByValue": True},
+            session=session,
+        )["result"]["value"]
     finally:
         browser.close()
+    assert overflow == [], overflow
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 50_000  # a 1280x4000 page with tables and figures, not blank
     assert height > 4000
