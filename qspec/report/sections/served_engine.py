@@ -94,14 +94,16 @@ def _figure(records: list[ServingRecord], mode: str) -> str | None:
 
     def series(field: str, which: list[str]):
         out = []
-        for i, p in enumerate(which):
+        for p in which:  # one colour per pairing in both panels
             rows = sorted(
                 (r for r in records if r.mode == mode and r.ok and name(r) == p),
                 key=lambda r: r.concurrency,
             )
             xs = [r.concurrency for r in rows]
-            out.append((p, xs, [getattr(r, field) for r in rows], {"colour": i}))
+            out.append((p, xs, [getattr(r, field) for r in rows], {"colour": pairings.index(p)}))
         return out
+
+    levels = sorted({r.concurrency for r in records if r.mode == mode})
 
     drafted = [p for p in pairings if not p.endswith(" alone")]
     panels = [
@@ -110,6 +112,7 @@ def _figure(records: list[ServingRecord], mode: str) -> str | None:
             "xlabel": "concurrent requests",
             "ylabel": "tokens/s (all requests)",
             "series": series("output_tokens_per_s", pairings),
+            "xticks": levels,
         }
     ]
     if drafted:
@@ -121,6 +124,7 @@ def _figure(records: list[ServingRecord], mode: str) -> str | None:
                 "ylabel": "speedup (geometric mean of per-request ratios)",
                 "series": series("speedup", drafted),
                 "hline": 1.0,
+                "xticks": levels,
             },
         )
     return plots.try_figure("serving", plots.lines, panels)
