@@ -48,6 +48,7 @@ class Served:
     error: str | None = None
     log_tail: list[str] = field(default_factory=list)
     startup_s: float | None = None
+    stop: list[int] = field(default_factory=list)  # token ids that end a request (read once)
     levels: dict[tuple[str, int], list[Level]] = field(default_factory=dict)
     counters: dict[tuple[str, int], SpecCounters] = field(default_factory=dict)
 
@@ -148,9 +149,10 @@ def _start(ctx: RunContext, s: Served, target: str, prompts) -> None:
         if not prompts:
             raise Skip("unavailable", "no prompts to serve (the suite declares none)")
         if v.url is not None:
-            s.server = None
+            s.server, s.stop = None, _stop(ctx, s)
             return
         s.spec = _server_spec(ctx, target, s.draft, prompts)
+        s.stop = _stop(ctx, s)
         log_path = ctx.work_dir / "vllm" / f"{s.spec.name}.log"
         s.server = Server(s.spec, log_path)
         s.startup_s = s.server.wait_healthy(v.startup_timeout_s)
@@ -233,7 +235,7 @@ def _model_len(ctx: RunContext, prompts) -> int:
 def _warm(ctx: RunContext, s: Served, prompts) -> None:
     """One short request per server before timing: the first forward pays one-off setup."""
     requests = schedule(_pairs(prompts[:1], 4), 1, 1, None)
-    level = run_level(s.server.url, s.spec.name, requests, 1, _stop(ctx, s))
+    level = run_level(s.server.url, s.spec.name, requests, 1, s.stop)
     bad = [r.error for r in level.results if not r.ok]
     if bad:
         raise ServerError(f"warm-up request failed: {bad[0]}", s.server.log_tail())
@@ -265,9 +267,7 @@ def _sweep(ctx: RunContext, s: Served, mode: str, level: int, repeat: int, promp
         seed = None if mode == "greedy" else ctx.cfg.seed + 1000 * repeat
         requests = schedule(_pairs(prompts), level, v.requests_per_slot, seed)
         before = read_counters(url, headers)
-        done = run_level(
-            url, name, requests, level, _stop(ctx, s), sampling, headers, v.request_timeout_s
-        )
+        done = run_level(url, name, requests, level, s.stop, sampling, headers, v.request_timeout_s)
         _settle(url, headers)
         delta = read_counters(url, headers) - before
     except Exception as err:  # noqa: BLE001 - a server that stopped answering
