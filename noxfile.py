@@ -71,6 +71,14 @@ def evaluate(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
+def two_families(session: nox.Session) -> None:
+    """Gemma 3 270M targets with SmolLM2-135M drafts across tokenizers (configs/two-families.toml)."""
+    _install(session, "[gptq,gemma]")
+    args = session.posargs or ["--config", "configs/two-families.toml"]
+    session.run("qspec", "evaluate", *args)
+
+
+@nox.session(python="3.11")
 def vllm(session: nox.Session) -> None:
     """Install only the served engine's venv (evaluate and tests do it too)."""
     _install_vllm(session)

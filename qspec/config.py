@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qspec.engine.draft_length import DRAFT_LENGTHS
 from qspec.models.precisions import PRECISION_NAMES, check_drafter
-from qspec.models.refs import DEFAULT_MODEL
+from qspec.models.refs import BUILTIN, DEFAULT_MODEL
 
 MAX_GAMMA = 16
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -52,11 +52,11 @@ class ModelSpec(Strict):
     @field_validator("ref")
     @classmethod
     def _plausible_ref(cls, ref: str) -> str:
-        if ref == DEFAULT_MODEL or Path(ref).expanduser().exists() or HUB_ID.match(ref):
+        if ref in BUILTIN or Path(ref).expanduser().exists() or HUB_ID.match(ref):
             return ref
         raise ValueError(
             f"{ref!r} is neither an existing local path, a hub id like 'org/name', "
-            f"nor the built-in {DEFAULT_MODEL!r}"
+            f"nor a built-in model ({', '.join(BUILTIN)})"
         )
 
     @field_validator("precisions")

@@ -10,7 +10,7 @@ from conftest import tiny_llama
 
 from qspec.engine.compiled import Compiled
 from qspec.engine.draft_length import DraftLength
-from qspec.engine.drafters import ModelDrafter, NgramDrafter, check_same_tokenizer
+from qspec.engine.drafters import ModelDrafter, NgramDrafter
 from qspec.engine.loop import Step, generate
 from qspec.engine.sampling import sampler_for
 from qspec.measure.acceptance import Acceptance
@@ -122,22 +122,6 @@ def test_ngram_drafter_copies_what_followed_the_last_match():
     assert ids.tolist() == [4, 9, 2] and probs is None
     none, _ = drafter.propose(torch.tensor([1, 2, 3]), 3, None, None, [1, 2, 3])
     assert none.numel() == 0
-
-
-def test_draft_with_another_tokenizer_is_refused(default_model_dir):
-    from transformers import AutoTokenizer
-
-    target_tok = AutoTokenizer.from_pretrained(default_model_dir)
-
-    class Other:
-        def get_vocab(self):
-            return {"a": 0, "b": 1}
-
-        def __len__(self):
-            return 2
-
-    with pytest.raises(ValueError, match="other-model.*different tokenizer.*smollm"):
-        check_same_tokenizer(target_tok, Other(), "smollm", "other-model")
 
 
 def test_vocab_sizes_must_match_for_model_drafts():

@@ -55,10 +55,14 @@ def hf_generate(
     return out[0, ids.shape[1] :].tolist(), time.perf_counter() - start
 
 
-def hf_assisted(target, prompt: torch.Tensor, *, draft_model=None, gamma: int, **run):
+def hf_assisted(
+    target, prompt: torch.Tensor, *, draft_model=None, gamma: int, tokenizers=None, **run
+):
     """Assisted generation with a constant schedule of exactly gamma drafts; returns (tokens, seconds).
 
     With draft_model None it uses transformers' own prompt-lookup drafter (the n-gram peer).
+    tokenizers (target's, draft's) make it universal assisted generation, for a draft whose
+    tokenizer differs from the target's.
     """
     if draft_model is None:
         return hf_generate(target, prompt, prompt_lookup_num_tokens=gamma, **run)
@@ -66,6 +70,8 @@ def hf_assisted(target, prompt: torch.Tensor, *, draft_model=None, gamma: int, *
     gc.num_assistant_tokens = gamma
     gc.num_assistant_tokens_schedule = "constant"
     gc.assistant_confidence_threshold = 0.0
+    if tokenizers is not None:
+        run.update(tokenizer=tokenizers[0], assistant_tokenizer=tokenizers[1])
     return hf_generate(target, prompt, assistant_model=draft_model, **run)
 
 
@@ -77,8 +83,10 @@ def prepare(ctx, cell, target, drafter, prompts) -> Prepared:
     tokenizer = ctx.models.tokenizer
     eos = stop_ids(tokenizer, target)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+    cross = getattr(drafter, "vocab", None) is not None
     run = dict(
         draft_model=draft_model,
+        tokenizers=(drafter.target_tok, drafter.draft_tok) if cross else None,
         gamma=cell.gamma,
         sampler=ctx.sampler(cell.mode),
         eos_ids=eos,

@@ -126,13 +126,3 @@ class NgramDrafter:
 # the config validates drafter names against models/precisions.py (torch-free); a test keeps
 # the two in step
 MODEL_FREE_DRAFTERS = {"ngram": NgramDrafter}
-
-
-def check_same_tokenizer(target_tok, draft_tok, target_name: str, draft_name: str) -> None:
-    """Speculative decoding compares token ids, so both models must share one vocabulary."""
-    if target_tok.get_vocab() != draft_tok.get_vocab():
-        raise ValueError(
-            f"draft {draft_name!r} uses a different tokenizer from target {target_name!r} "
-            f"({len(draft_tok)} vs {len(target_tok)} tokens, or different ids): "
-            "speculative decoding needs the same vocabulary"
-        )

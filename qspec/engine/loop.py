@@ -48,6 +48,7 @@ class Generation:
     target_kv_bytes: int = 0
     draft_kv_bytes: int = 0
     kv_path: str = ""  # "static" (pre-allocated, pointer rollback) or "dynamic"
+    draft_model_tokens: int = 0  # a cross-tokenizer draft: tokens it decoded in its own vocabulary
 
 
 @dataclass
@@ -178,4 +179,5 @@ def generate(
     gen.target_kv_bytes = seq.kv.nbytes()
     draft_kv = drafter.kv if drafter is not None else None
     gen.draft_kv_bytes = draft_kv.nbytes() if draft_kv is not None else 0
+    gen.draft_model_tokens = getattr(drafter, "model_tokens", 0)
     return gen

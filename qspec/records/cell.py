@@ -71,6 +71,9 @@ class GenerationRecord(Record):
     gamma: int = 0
     mode: Mode = "greedy"
     draft_skip: list[int] | None = None  # a layer-skip draft: the decoder layers it leaves out
+    # a draft with another tokenizer: the shared/draft-only/target-only token counts, and the
+    # draft-model tokens decoded per target token drafted (acceptance counts target tokens)
+    cross_tokenizer: dict | None = None
     draft_length: str = "fixed"  # fixed gamma, confidence stopping or the heuristic schedule
     mean_drafted: float | None = None  # drafts per drafting step (gamma when fixed)
     # fixed-gamma cells: decode tokens/s had each step drafted exactly what it would accept

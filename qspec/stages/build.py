@@ -18,7 +18,7 @@ INVARIANCE_POSITIONS = 128  # compared positions per variant: a few seconds each
 
 
 def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
-    models, text = ctx.models, None
+    models, texts = ctx.models, {}
     for role, _, precision in variant_roles(ctx.cfg):  # a self-draft is the target's variant
         if role in models.errors:
             continue
@@ -35,15 +35,17 @@ def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
             build_s=built.build_s,
         )
         if built.model is not None:
-            text = text if text is not None else _suite_text(ctx)
-            rec.batch_invariance = _invariance(ctx, built, text)
+            tokenizer = models.tokenizer_of(role)
+            if id(tokenizer) not in texts:
+                texts[id(tokenizer)] = _suite_text(ctx, tokenizer)
+            rec.batch_invariance = _invariance(ctx, built, texts[id(tokenizer)])
             if rec.batch_invariance is not None:
                 rec.batch_invariant = rec.batch_invariance.batch_invariant
                 ctx.invariance[(ref.ref, precision)] = rec.batch_invariance
         yield rec
 
 
-def _suite_text(ctx: RunContext):
+def _suite_text(ctx: RunContext, tokenizer):
     """Token ids of the first suite corpus that has text, for the invariance check."""
     import torch
 
@@ -53,7 +55,7 @@ def _suite_text(ctx: RunContext):
         except Exception:  # noqa: BLE001
             continue
         if texts:
-            ids = tokenize_corpus(ctx.models.tokenizer, texts, INVARIANCE_POSITIONS + 16)[0]
+            ids = tokenize_corpus(tokenizer, texts, INVARIANCE_POSITIONS + 16)[0]
             return torch.tensor(ids, device=ctx.device)
     return None
 

@@ -42,6 +42,7 @@ def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
         "n_prompts": len(prompts),
         "repeats": ctx.cfg.repeats,
         "draft_skip": r.draft_skip,
+        "cross_tokenizer": _cross_tokenizer(r, gens),
         "target_batch_invariant": invariance.batch_invariant if invariance else None,
         **_memory(ctx, r),
         **(_engine_figures(ctx, r, measured, steps) if c.kind != Kind.HF_ASSISTED else {}),
@@ -66,6 +67,16 @@ def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
         fields["usd_per_million_tokens"] = price / 3600 / fields["tokens_per_s"] * 1e6
         fields["price_per_device_hour"] = price
     return GenerationRecord(**fields)
+
+
+def _cross_tokenizer(r, gens) -> dict | None:
+    """The vocabulary map and, for qspec's loop, draft-model tokens per target token drafted."""
+    if r.cross_tokenizer is None:
+        return None
+    drafted = sum(s.drafted for g in gens for s in g.steps)
+    run = sum(g.draft_model_tokens for g in gens)
+    per = run / drafted if drafted and run else None
+    return {**r.cross_tokenizer, "draft_tokens_per_target_token": per}
 
 
 def _coordinates(ctx, r) -> dict:

@@ -49,6 +49,7 @@ class CellRun:
     error: str | None = None
     own_weights: int = 0
     draft_skip: list[int] | None = None  # the layers a layer-skip draft leaves out
+    cross_tokenizer: dict | None = None  # a draft with another tokenizer: its vocabulary map
 
 
 def generation_stage(ctx: RunContext, progress) -> Iterator[GenerationRecord]:
@@ -151,4 +152,6 @@ def _prepare(ctx: RunContext, r: CellRun, prompts: list[EncodedPrompt]) -> None:
         r.draft_skip = list(drafter.model.skip)
         if cell.kind == Kind.HF_ASSISTED:
             raise Skip("unavailable", "transformers' assisted generation has no layer-skip draft")
+    if drafter is not None and getattr(drafter, "vocab", None) is not None:
+        r.cross_tokenizer = drafter.vocab.summary()
     r.prepared = BACKENDS[cell.kind](ctx, cell, target, drafter, prompts)

@@ -8,12 +8,14 @@ generation (PairScreenRecord).
 from __future__ import annotations
 
 import logging
+import math
 import traceback
 from collections.abc import Iterator
 
+from qspec.engine.cross_tokenizer import token_bytes
 from qspec.measure.acceptance import expected_acceptance_rate, expected_tau
 from qspec.measure.teacher_forced import quality_pass, tokenize_corpus
-from qspec.models.precisions import PRECISION_NAMES
+from qspec.models.precisions import PRECISION_NAMES, reference_precision
 from qspec.plan import key_of_record, key_of_stage
 from qspec.records import Kind, PairScreenRecord, PredictedAt, QualityRecord, Record, Skip
 from qspec.stages.context import RunContext
@@ -62,6 +64,8 @@ def _screened_models(ctx: RunContext) -> tuple[dict, dict]:
         model = _built(ctx, "target", precision)
         if model is not None:
             models[precision] = model
+    if ctx.models.cross_tokenizer:  # another tokenizer: predicted per cell only, on policy
+        return models, names
     for precision in cfg.draft.precisions:
         model = _built(ctx, "draft", precision) if precision in PRECISION_NAMES else None
         if model is not None:
@@ -97,7 +101,69 @@ def suite_quality(ctx: RunContext, suite, progress) -> list[Record]:
             pairs=pairs,
             max_tokens=q.max_tokens,
         )
-    return _records(ctx, suite, result, reference, names)
+    byte_len = token_bytes(ctx.models.tokenizer)
+    records = _records(ctx, suite, result, reference, names)
+    scored = ids[0][1 : result.tokens + 1]
+    _add_bits_per_byte(records, sum(len(byte_len.get(t, b"")) for t in scored))
+    if ctx.models.cross_tokenizer:
+        records += _draft_quality(ctx, suite, texts, scored_bytes=records_bytes(records))
+    return records
+
+
+def records_bytes(records) -> int | None:
+    return next((r.bytes_scored for r in records if getattr(r, "bytes_scored", None)), None)
+
+
+def _add_bits_per_byte(records, n_bytes: int) -> None:
+    for r in records:
+        if isinstance(r, QualityRecord) and r.nll_mean is not None and n_bytes:
+            r.bytes_scored = n_bytes
+            r.bits_per_byte = r.nll_mean * r.positions / math.log(2) / n_bytes
+
+
+def _draft_quality(ctx: RunContext, suite, texts, scored_bytes: int | None) -> list[Record]:
+    """A draft model with another tokenizer, scored on the same corpus bytes in its own
+    tokens: its variants against its own best one, and bits per byte beside the target's."""
+    cfg, models = ctx.cfg, {}
+    for precision in cfg.draft.precisions:
+        model = _built(ctx, "draft", precision) if precision in PRECISION_NAMES else None
+        if model is not None:
+            models[precision] = model
+    if not models or not scored_bytes:
+        return []
+    tokenizer = ctx.models.draft_tokenizer
+    byte_len = token_bytes(tokenizer)
+    stream = tokenize_corpus(tokenizer, texts, None)[0]
+    n_bytes, m = 0, 0
+    while m + 1 < len(stream) and n_bytes < scored_bytes:
+        m += 1
+        n_bytes += len(byte_len.get(stream[m], b""))
+    reference = reference_precision(list(models), ctx.device.type)
+    q = cfg.quality
+    result = quality_pass(
+        models,
+        reference,
+        [stream[: m + 1]],
+        window=q.window,
+        stride=q.stride,
+        sample=ctx.sampler("sample"),
+        pairs=[],
+        max_tokens=m,
+    )
+    records = [
+        QualityRecord(
+            suite=suite.name,
+            variant=f"draft:{name}",
+            model=ctx.models.draft_ref.ref,
+            reference=f"draft:{reference}",
+            corpus=CORPUS + ", in the draft model's own tokens",
+            windows=result.windows,
+            **stats,
+        )
+        for name, stats in result.variants.items()
+    ]
+    _add_bits_per_byte(records, n_bytes)
+    return records
 
 
 def _records(ctx: RunContext, suite, result, reference: str, names: dict) -> list[Record]:

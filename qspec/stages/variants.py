@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from qspec.config import RunConfig
-from qspec.engine.drafters import MODEL_FREE_DRAFTERS, ModelDrafter, check_same_tokenizer
+from qspec.engine.cross_tokenizer import CrossTokenizerDrafter, VocabMap, logits_rows, vocab_map
+from qspec.engine.drafters import MODEL_FREE_DRAFTERS, ModelDrafter
 from qspec.engine.layerskip import LayerSkip, decoder_layers, middle_layers
 from qspec.measure.skip_search import search_skip
 from qspec.models.builders import BuildContext, VariantUnavailable, build, weight_bytes
@@ -47,7 +48,7 @@ class Models:
         self.built: dict[tuple[str, str], Built] = {}
         self.errors: dict[str, str] = {}  # role -> why that model cannot be used at all
         self.searches: dict[tuple[str, str], dict] = {}  # layer-skip searches, per variant
-        self.target_ref = self.draft_ref = self.tokenizer = None
+        self.target_ref = self.draft_ref = self.tokenizer = self.draft_tokenizer = None
         try:
             self.target_ref = resolve(cfg.target.ref)
             self.tokenizer = _tokenizer(self.target_ref, cfg.target.trust_remote_code)
@@ -60,13 +61,35 @@ class Models:
             self.draft_ref = resolve(cfg.draft.ref)
             if self.draft_ref.ref != self.target_ref.ref:
                 draft_tok = _tokenizer(self.draft_ref, cfg.draft.trust_remote_code)
-                check_same_tokenizer(
-                    self.tokenizer, draft_tok, self.target_ref.ref, self.draft_ref.ref
-                )
+                if draft_tok.get_vocab() != self.tokenizer.get_vocab():
+                    self.draft_tokenizer = draft_tok  # drafts across tokenizers
         except Exception as err:  # noqa: BLE001
             self.errors["draft"] = (
                 f"cannot use draft {cfg.draft.ref!r}: {type(err).__name__}: {err}"
             )
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """The draft model's tokenizer differs from the target's (engine/cross_tokenizer.py)."""
+        return self.draft_tokenizer is not None
+
+    def tokenizer_of(self, role: str):
+        return self.draft_tokenizer if role == "draft" and self.cross_tokenizer else self.tokenizer
+
+    def _model_drafter(self, model, name: str, role: str):
+        if role == "draft" and self.cross_tokenizer:
+            vocab = self.vocab_map(model)
+            return CrossTokenizerDrafter(model, self.tokenizer, self.draft_tokenizer, vocab, name)
+        return ModelDrafter(model, name=name)
+
+    def vocab_map(self, draft_model) -> VocabMap:
+        """The shared tokens of the two vocabularies, matched once per run."""
+        if getattr(self, "_vocab", None) is None:
+            target = self.model("target", self.cfg.target.precisions[0])
+            self._vocab = vocab_map(
+                self.tokenizer, self.draft_tokenizer, logits_rows(target), logits_rows(draft_model)
+            )
+        return self._vocab
 
     @property
     def same_model(self) -> bool:
@@ -118,7 +141,7 @@ class Models:
             return MODEL_FREE_DRAFTERS[name](max_ngram=d.ngram_max, min_ngram=d.ngram_min)
         skip = parse_skip(name)
         if skip is None:
-            return ModelDrafter(self.model("draft", name), name=name)
+            return self._model_drafter(self.model("draft", name), name, "draft")
         if skip.precision is None and target is None:
             raise Skip("unavailable", f"{name}: a layer-skip draft of the target needs a target")
         role, precision = ("draft", skip.precision) if skip.precision else ("target", target)
@@ -130,7 +153,7 @@ class Models:
         else:
             layers = middle_layers(len(decoder_layers(base)), skip.fraction)
         try:
-            return ModelDrafter(LayerSkip(base, tuple(layers)), name=name)
+            return self._model_drafter(LayerSkip(base, tuple(layers)), name, role)
         except ValueError as err:
             raise Skip("failed", f"{name}: {err}") from None
 

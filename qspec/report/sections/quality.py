@@ -26,15 +26,15 @@ def build(run: Run) -> dict:
 
     rows = []
     for q in sorted(run.quality, key=key):
-        d = ppl_delta_pct(run, q)
-        ref = is_reference(run, q.variant)
+        other = q.model is not None  # a draft model's own variants, against its own reference
+        ref = q.variant == q.reference if other else is_reference(run, q.variant)
         rows.append(
             {
                 "r": q,
                 "ok": q.ok,
-                "delta": d,
-                "check": None if ref or not q.ok else ppl_check(run, q),
-                "reference": is_reference(run, q.variant),
+                "delta": None if other else ppl_delta_pct(run, q),
+                "check": None if ref or other or not q.ok else ppl_check(run, q),
+                "reference": ref,
                 "weights": q.weights_bytes or run.variant_weights.get(("any", text(q.variant))),
             }
         )

@@ -1,0 +1,202 @@
+"""Drafts across tokenizers: lossless in both modes, tokens in one vocabulary only included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from test_sampling import P_MIN, PROMPT, broken_accept, chi_square_p, exact_pair_distribution
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
+from qspec.engine.cross_tokenizer import CrossTokenizerDrafter, token_bytes, vocab_map
+from qspec.engine.draft_length import DraftLength
+from qspec.engine.loop import generate
+from qspec.engine.sampling import sampler_for
+
+# target: 6 tokens, "cd" its own; draft: 7 tokens, "ab" and "ba" its own; a..e shared
+TARGET_VOCAB = {"a": 0, "b": 1, "c": 2, "d": 3, "e": 4, "cd": 5}
+DRAFT_VOCAB = {"e": 0, "d": 1, "ab": 2, "c": 3, "a": 4, "ba": 5, "b": 6}
+
+
+def char_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.set_num_threads(1)
+    target_tok = char_tokenizer(TARGET_VOCAB, [("c", "d")])
+    draft_tok = char_tokenizer(DRAFT_VOCAB, [("a", "b"), ("b", "a")])
+    target = tiny_llama(10, vocab=len(TARGET_VOCAB), hidden=16, layers=1)
+    draft = tiny_llama(12, vocab=len(DRAFT_VOCAB), hidden=16, layers=1)
+    vocab = vocab_map(target_tok, draft_tok, len(TARGET_VOCAB), len(DRAFT_VOCAB))
+
+    def make():
+        return CrossTokenizerDrafter(draft, target_tok, draft_tok, vocab)
+
+    return target, target_tok, draft_tok, vocab, make
+
+
+def test_the_vocabularies_are_matched_by_their_bytes(pair):
+    _, target_tok, draft_tok, vocab, _ = pair
+    assert token_bytes(target_tok)[5] == b"cd"
+    assert vocab.summary() == {"shared": 5, "draft_only": 2, "target_only": 1}
+    by_draft = dict(zip(vocab.draft_ids.tolist(), vocab.target_ids.tolist(), strict=True))
+    assert by_draft == {0: 4, 1: 3, 3: 2, 4: 0, 6: 1}
+
+
+def test_byte_level_and_metaspace_tokens_map_to_their_text():
+    from tokenizers import pre_tokenizers
+
+    bl = Tokenizer(models.BPE(vocab={"Ġ": 0, "h": 1, "i": 2, "Ġh": 3, "Ċ": 4}, merges=[("Ġ", "h")]))
+    bl.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bl.decoder = decoders.ByteLevel()
+    sp = Tokenizer(models.BPE(vocab={"\u2581h": 0, "i": 1, "<0x0A>": 2, "h": 3}, merges=[]))
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback()])
+    bl_bytes = token_bytes(PreTrainedTokenizerFast(tokenizer_object=bl))
+    sp_bytes = token_bytes(PreTrainedTokenizerFast(tokenizer_object=sp))
+    assert bl_bytes[3] == b" h" and bl_bytes[4] == b"\n"
+    assert sp_bytes[0] == b" h" and sp_bytes[2] == b"\n"
+
+
+@pytest.mark.parametrize("prompt", [[0, 3, 2, 4], [1, 0, 1], [5, 5, 4, 0, 2]])
+def test_greedy_cross_tokenizer_output_equals_target_only(pair, prompt):
+    target, target_tok, _, _, make = pair
+    ids = torch.tensor(prompt)
+    alone = generate(target, ids, max_new_tokens=24)
+    drafter = make()
+    spec = generate(target, ids, drafter=drafter, length=DraftLength(gamma=3), max_new_tokens=24)
+    assert spec.tokens == alone.tokens
+    assert sum(s.drafted for s in spec.steps) > 0 and drafter.model_tokens > 0
+
+
+def test_greedy_drafts_carry_draft_only_tokens_through_their_text(pair):
+    """A draft-only token ('ab') reaches the target as its two shared characters."""
+    _, target_tok, draft_tok, _, make = pair
+    drafter = make()
+    drafter.prefill(PROMPT, 64)
+    proposal, probs = drafter.propose(PROMPT, 4, sampler_for("greedy"), None, PROMPT.tolist())
+    drafted_text = draft_tok.decode(
+        drafter.ctx[len(draft_tok(target_tok.decode(PROMPT))["input_ids"]) :]
+    )
+    assert probs is None
+    assert (
+        target_tok.decode(proposal.tolist())
+        == drafted_text[: len(target_tok.decode(proposal.tolist()))]
+    )
+
+
+SAMPLER = sampler_for("sample", temperature=1.3)
+
+
+def empirical(target, make, accept=None, trials=3000):
+    counts = torch.zeros(len(TARGET_VOCAB) ** 2)
+    rng = torch.Generator().manual_seed(1234)
+    for _ in range(trials):
+        gen = generate(
+            target,
+            PROMPT,
+            drafter=make(),
+            length=DraftLength(gamma=3),
+            sampler=SAMPLER,
+            max_new_tokens=3,
+            generator=rng,
+            accept=accept,
+        )
+        counts[gen.tokens[1] * len(TARGET_VOCAB) + gen.tokens[2]] += 1
+    return counts
+
+
+def test_token_level_intersection_sampling_matches_target_distribution(pair):
+    """The target-only token 'cd' can only come from corrections; it must still appear at its rate."""
+    target, *_, make = pair
+    counts = empirical(target, make)
+    assert chi_square_p(counts, exact_pair_distribution(target, SAMPLER)) > P_MIN
+
+
+def test_a_broken_acceptance_rule_fails_for_the_cross_tokenizer_pair(pair):
+    target, *_, make = pair
+    counts = empirical(target, make, accept=broken_accept)
+    assert chi_square_p(counts, exact_pair_distribution(target, SAMPLER)) < P_MIN
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_model_dir(tmp_path_factory, tiny_model_dir):
+    """A tiny Llama with a byte-level BPE of its own (400 tokens), trained here on the suite's
+    text: it shares the bytes and some merges with SmolLM2's vocabulary, not its ids."""
+    from tokenizers import pre_tokenizers, trainers
+
+    from qspec.suites.discovery import load_suite
+
+    texts = load_suite("example-custom").corpus() or ["def add(a, b):\n    return a + b\n"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<eos>"],
+    )
+    tok.train_from_iterator(texts * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    out = tmp_path_factory.mktemp("other-tokenizer")
+    model = tiny_llama(4, vocab=len(fast), hidden=64, layers=2, bos_token_id=0, eos_token_id=0)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def test_a_run_with_a_draft_of_another_tokenizer(
+    tmp_path, tiny_model_dir, other_tokenizer_model_dir
+):
+    """End to end: cross-tokenizer cells are measured, lossless under greedy, predicted on
+    policy in both modes, and transformers' universal assisted generation runs beside them."""
+    import json as _json
+
+    from conftest import write_config
+
+    from qspec import store
+    from qspec.cli import main
+
+    cfg = write_config(
+        tmp_path / "c.toml",
+        tiny_model_dir,
+        _target='precisions = ["fp32"]',
+        hf_assisted_modes='["greedy"]',
+    )
+    text = (
+        open(cfg)
+        .read()
+        .replace(
+            f"[draft]\nref = {_json.dumps(str(tiny_model_dir))}",
+            f"[draft]\nref = {_json.dumps(str(other_tokenizer_model_dir))}",
+        )
+        .replace('precisions = ["nf4", "ngram"]', 'precisions = ["fp32", "ngram"]')
+    )
+    open(cfg, "w").write(text)
+    out = tmp_path / "run"
+    assert main(["evaluate", "--config", cfg, "--out", str(out), "--quiet"]) == 0
+    recs = store.read(out / "results.jsonl")
+    cross = [r for r in recs if r["kind"] == "speculative" and r["draft"] == "fp32"]
+    assert {r["mode"] for r in cross} == {"greedy", "sample"}
+    for r in cross:
+        assert r["status"] == "ok", r["error"]
+        info = r["cross_tokenizer"]
+        assert info["shared"] > 256 and info["draft_only"] > 0 and info["target_only"] > 0
+        assert info["draft_tokens_per_target_token"] > 0
+        assert r["alpha_predicted"] is not None and r["alpha_predicted_positions"] > 0
+    greedy = next(r for r in cross if r["mode"] == "greedy")
+    assert greedy["lossless"] is True and greedy["replay_exact"] is True
+    peer = [r for r in recs if r["kind"] == "hf_assisted" and r["draft"] == "fp32"]
+    assert peer and peer[0]["status"] == "ok", peer[0]["error"]
+    assert peer[0]["lossless"] is True
+    # quality across families: bits per byte of the same corpus text, each in its own tokens
+    quality = {r["variant"]: r for r in recs if r["kind"] == "quality"}
+    target_q, draft_q = quality["fp32"], quality["draft:fp32"]
+    assert draft_q["model"] == str(other_tokenizer_model_dir)
+    assert target_q["bytes_scored"] == draft_q["bytes_scored"] > 0
+    assert draft_q["positions"] > target_q["positions"]  # 400 tokens cover less text each
+    assert 0 < target_q["bits_per_byte"] and 0 < draft_q["bits_per_byte"]
