@@ -203,6 +203,9 @@ def _server_spec(ctx: RunContext, target: str, draft: str | None, prompts) -> Se
             "num_speculative_tokens": gamma,
             "draft_sample_method": v.draft_sample_method,
         }
+        if ctx.models.cross_tokenizer:
+            # vLLM's token-level intersection drafts greedily only (it refuses "probabilistic")
+            spec.speculative.update(use_heterogeneous_vocab=True, draft_sample_method="greedy")
     return spec
 
 
