@@ -321,3 +321,16 @@ def test_engines_side_by_side_flags_a_disagreement():
     assert by_mode["greedy"]["flag"] is None and by_mode["greedy"]["same_target"] is False
     flag = by_mode["sample"]["flag"]
     assert flag and "do not overlap" in flag and "n = 372" in flag and "n = 119" in flag
+
+
+def test_a_pairing_vllm_cannot_mix_is_unavailable_not_failed(tmp_path):
+    """vLLM 0.32 on CPU, Gemma 3 target with a SmolLM2 draft across vocabularies (measured)."""
+    from qspec.backends.vllm_server import root_cause
+
+    log = tmp_path / "server.log"
+    log.write_text(
+        "INFO starting\n(Worker pid=1) ERROR RuntimeError: Worker failed with error 'All drafting "
+        "layers should belong to the same kv cache group', please check the stack trace\n"
+    )
+    cause, refused = root_cause(log)
+    assert refused and "same kv cache group" in cause

@@ -223,6 +223,9 @@ REFUSALS = (
     "is not supported",
     "not supported for",
     "NotImplementedError",
+    # a draft whose attention layers differ in kind from the target's (Gemma 3's sliding
+    # window beside SmolLM2's full attention), which vLLM 0.32's draft proposer cannot mix
+    "should belong to the same kv cache group",
 )
 CAUSE = re.compile(r"(Value error, |ValueError: |NotImplementedError: |RuntimeError: )(.*)")
 
