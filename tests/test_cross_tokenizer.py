@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
-from test_sampling import P_MIN, PROMPT, broken_accept, chi_square_p, exact_pair_distribution
+from test_sampling import (
+    P_MIN,
+    PROMPT,
+    broken_accept,
+    chi_square_p,
+    empirical_pairs,
+    exact_pair_distribution,
+)
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
@@ -92,34 +99,16 @@ def test_greedy_drafts_carry_draft_only_tokens_through_their_text(pair):
 SAMPLER = sampler_for("sample", temperature=1.3)
 
 
-def empirical(target, make, accept=None, trials=3000):
-    counts = torch.zeros(len(TARGET_VOCAB) ** 2)
-    rng = torch.Generator().manual_seed(1234)
-    for _ in range(trials):
-        gen = generate(
-            target,
-            PROMPT,
-            drafter=make(),
-            length=DraftLength(gamma=3),
-            sampler=SAMPLER,
-            max_new_tokens=3,
-            generator=rng,
-            accept=accept,
-        )
-        counts[gen.tokens[1] * len(TARGET_VOCAB) + gen.tokens[2]] += 1
-    return counts
-
-
 def test_token_level_intersection_sampling_matches_target_distribution(pair):
     """The target-only token 'cd' can only come from corrections; it must still appear at its rate."""
     target, *_, make = pair
-    counts = empirical(target, make)
+    counts = empirical_pairs(target, make, SAMPLER)
     assert chi_square_p(counts, exact_pair_distribution(target, SAMPLER)) > P_MIN
 
 
 def test_a_broken_acceptance_rule_fails_for_the_cross_tokenizer_pair(pair):
     target, *_, make = pair
-    counts = empirical(target, make, accept=broken_accept)
+    counts = empirical_pairs(target, make, SAMPLER, accept=broken_accept)
     assert chi_square_p(counts, exact_pair_distribution(target, SAMPLER)) < P_MIN
 
 

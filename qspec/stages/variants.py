@@ -49,6 +49,7 @@ class Models:
         self.errors: dict[str, str] = {}  # role -> why that model cannot be used at all
         self.searches: dict[tuple[str, str], dict] = {}  # layer-skip searches, per variant
         self.target_ref = self.draft_ref = self.tokenizer = self.draft_tokenizer = None
+        self._vocab: VocabMap | None = None  # the shared tokens, when the tokenizers differ
         try:
             self.target_ref = resolve(cfg.target.ref)
             self.tokenizer = _tokenizer(self.target_ref, cfg.target.trust_remote_code)
@@ -84,8 +85,12 @@ class Models:
 
     def vocab_map(self, draft_model) -> VocabMap:
         """The shared tokens of the two vocabularies, matched once per run."""
-        if getattr(self, "_vocab", None) is None:
-            target = self.model("target", self.cfg.target.precisions[0])
+        if self._vocab is None:
+            # every target precision has the same logits rows: the first one built will do
+            ref = self.target_ref.ref
+            target = next(
+                b.model for (r, _), b in self.built.items() if r == ref and b.model is not None
+            )
             self._vocab = vocab_map(
                 self.tokenizer, self.draft_tokenizer, logits_rows(target), logits_rows(draft_model)
             )
