@@ -8,6 +8,7 @@ import time
 import torch
 
 from qspec.backends.interface import Prepared, Timed
+from qspec.engine.cross_tokenizer import CrossTokenizerDrafter
 from qspec.engine.loop import sync
 from qspec.engine.sampling import Sampler
 from qspec.measure.memory import peak_bytes, reset_peak
@@ -83,7 +84,7 @@ def prepare(ctx, cell, target, drafter, prompts) -> Prepared:
     tokenizer = ctx.models.tokenizer
     eos = stop_ids(tokenizer, target)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
-    cross = getattr(drafter, "vocab", None) is not None
+    cross = isinstance(drafter, CrossTokenizerDrafter)
     run = dict(
         draft_model=draft_model,
         tokenizers=(drafter.target_tok, drafter.draft_tok) if cross else None,

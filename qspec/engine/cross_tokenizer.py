@@ -19,6 +19,7 @@ tokenizer; the draft's cache keeps the longest prefix it shares with what it alr
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ def _decoder_kind(tokenizer) -> str:
     return "plain"
 
 
+@functools.cache  # a run asks for the same tokenizer's map once per suite and once per pairing
 def token_bytes(tokenizer) -> dict[int, bytes]:
     """The bytes each ordinary token stands for (special and added tokens left out)."""
     kind = _decoder_kind(tokenizer)

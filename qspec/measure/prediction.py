@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qspec.engine.cross_tokenizer import CrossTokenizerDrafter
 from qspec.engine.draft_length import DraftLength
 from qspec.engine.loop import Step
 from qspec.engine.sampling import GREEDY, Sampler
@@ -59,7 +60,7 @@ def on_policy_beta(
 ) -> torch.Tensor:
     """Per-position beta over ids[start:], the continuation the generation visits."""
     p = teacher_forced_logits(target, ids, start)
-    if getattr(drafter, "vocab", None) is not None:  # a draft with a tokenizer of its own
+    if isinstance(drafter, CrossTokenizerDrafter):  # a draft with a tokenizer of its own
         return _cross_tokenizer_beta(p, drafter, ids, start, sampler)
     if drafter.model is not None:
         q = teacher_forced_logits(drafter.model, ids, start)

@@ -19,6 +19,7 @@ import torch
 
 from qspec.backends import qspec_loop, transformers_peer
 from qspec.backends.interface import Prepared, Timed
+from qspec.engine.cross_tokenizer import CrossTokenizerDrafter
 from qspec.engine.layerskip import LayerSkip
 from qspec.models.precisions import draft_variant
 from qspec.plan import Cell, group_variants, groups, key_of_cell, plan
@@ -152,6 +153,6 @@ def _prepare(ctx: RunContext, r: CellRun, prompts: list[EncodedPrompt]) -> None:
         r.draft_skip = list(drafter.model.skip)
         if cell.kind == Kind.HF_ASSISTED:
             raise Skip("unavailable", "transformers' assisted generation has no layer-skip draft")
-    if drafter is not None and getattr(drafter, "vocab", None) is not None:
+    if isinstance(drafter, CrossTokenizerDrafter):
         r.cross_tokenizer = drafter.vocab.summary()
     r.prepared = BACKENDS[cell.kind](ctx, cell, target, drafter, prompts)

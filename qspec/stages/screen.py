@@ -103,15 +103,11 @@ def suite_quality(ctx: RunContext, suite, progress) -> list[Record]:
         )
     byte_len = token_bytes(ctx.models.tokenizer)
     records = _records(ctx, suite, result, reference, names)
-    scored = ids[0][1 : result.tokens + 1]
-    _add_bits_per_byte(records, sum(len(byte_len.get(t, b"")) for t in scored))
+    n_bytes = sum(len(byte_len.get(t, b"")) for t in ids[0][1 : result.tokens + 1])
+    _add_bits_per_byte(records, n_bytes)
     if ctx.models.cross_tokenizer:
-        records += _draft_quality(ctx, suite, texts, scored_bytes=records_bytes(records))
+        records += _draft_quality(ctx, suite, texts, scored_bytes=n_bytes)
     return records
-
-
-def records_bytes(records) -> int | None:
-    return next((r.bytes_scored for r in records if getattr(r, "bytes_scored", None)), None)
 
 
 def _add_bits_per_byte(records, n_bytes: int) -> None:
@@ -121,7 +117,7 @@ def _add_bits_per_byte(records, n_bytes: int) -> None:
             r.bits_per_byte = r.nll_mean * r.positions / math.log(2) / n_bytes
 
 
-def _draft_quality(ctx: RunContext, suite, texts, scored_bytes: int | None) -> list[Record]:
+def _draft_quality(ctx: RunContext, suite, texts, scored_bytes: int) -> list[Record]:
     """A draft model with another tokenizer, scored on the same corpus bytes in its own
     tokens: its variants against its own best one, and bits per byte beside the target's."""
     cfg, models = ctx.cfg, {}
