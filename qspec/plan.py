@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from qspec.config import RunConfig
-from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, draft_variant, reference_precision
+from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, drafter_variant, reference_precision
 from qspec.records import (
     GenerationRecord,
     Kind,
@@ -269,22 +269,23 @@ def groups(cells: list[Cell]) -> list[list[Cell]]:
 
 def variant_roles(cfg: RunConfig) -> list[tuple[str, str, str]]:
     """Every (role, model ref, precision) the run builds, once each: the target precisions (and
-    those screened for quality only), then the draft variants its drafters need. A self-draft
-    of the target's own model is the target's variant, listed once."""
+    those screened for quality only), then the variants its drafters need. A self-draft of the
+    target's own model is the target's variant, listed once."""
     out: dict[tuple[str, str], str] = {}
     for p in cfg.target.precisions + cfg.quality.variants:
         out.setdefault((cfg.target.ref, p), "target")
     for name in cfg.draft.precisions:
-        p = draft_variant(name)
-        if p is not None:
-            out.setdefault((cfg.draft.ref, p), "draft")
+        variant = drafter_variant(name)
+        if variant is not None:
+            role, p = variant
+            out.setdefault((cfg.target.ref if role == "target" else cfg.draft.ref, p), role)
     return [(role, ref, p) for (ref, p), role in out.items()]
 
 
 def group_variants(cfg: RunConfig, target: str) -> list[tuple[str, str]]:
     """(role, precision) of the models one target's cell group uses: the target and its drafts."""
-    drafts = [draft_variant(name) for name in cfg.draft.precisions]
-    return [("target", target)] + [("draft", p) for p in dict.fromkeys(drafts) if p is not None]
+    drafts = [drafter_variant(name) for name in cfg.draft.precisions]
+    return [("target", target)] + [v for v in dict.fromkeys(drafts) if v is not None]
 
 
 # ----------------------------------------------------------------------------- every record

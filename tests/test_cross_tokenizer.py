@@ -163,7 +163,7 @@ def test_a_run_with_a_draft_of_another_tokenizer(
             f"[draft]\nref = {_json.dumps(str(tiny_model_dir))}",
             f"[draft]\nref = {_json.dumps(str(other_tokenizer_model_dir))}",
         )
-        .replace('precisions = ["nf4", "ngram"]', 'precisions = ["fp32", "ngram"]')
+        .replace('precisions = ["nf4", "ngram"]', 'precisions = ["fp32", "self:int8", "ngram"]')
     )
     open(cfg, "w").write(text)
     out = tmp_path / "run"
@@ -179,6 +179,17 @@ def test_a_run_with_a_draft_of_another_tokenizer(
         assert r["alpha_predicted"] is not None and r["alpha_predicted_positions"] > 0
     greedy = next(r for r in cross if r["mode"] == "greedy")
     assert greedy["lossless"] is True and greedy["replay_exact"] is True
+    # the target's own int8 copy drafts in the same run, in the target's tokens, screened too
+    own = [r for r in recs if r["kind"] == "speculative" and r["draft"] == "self:int8"]
+    assert {r["mode"] for r in own} == {"greedy", "sample"}
+    for r in own:
+        assert r["status"] == "ok", r["error"]
+        assert r["cross_tokenizer"] is None and r["alpha_predicted"] is not None
+    assert next(r for r in own if r["mode"] == "greedy")["lossless"] is True
+    screens = [r for r in recs if r["kind"] == "pair_screen" and r["status"] == "ok"]
+    assert [(r["target"], r["draft"]) for r in screens] == [("fp32", "self:int8")]
+    variants = {(r["model"], r["precision"]) for r in recs if r["kind"] == "variant"}
+    assert (str(tiny_model_dir), "int8") in variants
     peer = [r for r in recs if r["kind"] == "hf_assisted" and r["draft"] == "fp32"]
     assert peer and peer[0]["status"] == "ok", peer[0]["error"]
     assert peer[0]["lossless"] is True

@@ -97,6 +97,7 @@ def test_an_unloadable_draft_fails_its_cells_and_the_run_goes_on(tmp_path, tiny_
         ('[target]\nprecisions = ["int3"]', "unknown precision 'int3'"),
         ("[target]\nprecisions = []", "target.precisions"),
         ('[draft]\nprecisions = ["medusa"]', "unknown precision or drafter 'medusa'"),
+        ('[draft]\nprecisions = ["self:int3"]', "unknown precision 'int3' after 'self:'"),
         ('[target]\nref = "not a model"\nprecisions = ["fp32"]', "neither an existing local path"),
     ],
 )

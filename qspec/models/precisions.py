@@ -61,25 +61,48 @@ def parse_skip(name: str) -> SkipName | None:
     return SkipName(m["precision"], fraction, layers, bool(m["search"]))
 
 
-def draft_variant(name: str) -> str | None:
-    """The precision a drafter needs built as a draft model, or None (model-free, or the
-    target's own variant)."""
+# The target model's own variant drafting for it (self:int8, self:gptq-int4): the third kind of
+# draft beside another model's variants and model-free lookup, named apart from the draft
+# model's variants of the same precision when [draft] names another model.
+SELF = "self:"
+
+
+def self_precision(name: str) -> str | None:
+    """The target precision a self-draft (self:<precision>) names, or None."""
+    return name.removeprefix(SELF) if name.startswith(SELF) else None
+
+
+def drafter_variant(name: str) -> tuple[str, str] | None:
+    """(role, precision) of the variant a drafter needs built, or None (model-free, or a
+    layer-skip draft of the cell's own target variant)."""
+    own = self_precision(name)
+    if own is not None:
+        return ("target", own)
     if name in PRECISION_NAMES:
-        return name
+        return ("draft", name)
     skip = parse_skip(name)
-    return skip.precision if skip is not None else None
+    return ("draft", skip.precision) if skip is not None and skip.precision else None
 
 
 def check_drafter(name: str) -> str | None:
     """None when `name` names a drafter, else what is wrong with it."""
     if name in PRECISION_NAMES or name in MODEL_FREE_DRAFTER_NAMES:
         return None
+    own = self_precision(name)
+    if own is not None:
+        allowed = ", ".join(PRECISION_NAMES)
+        return (
+            None
+            if own in PRECISION_NAMES
+            else f"{name!r}: unknown precision {own!r} after {SELF!r} (allowed: {allowed})"
+        )
     skip = parse_skip(name)
     if skip is None:
         allowed = ", ".join([*PRECISION_NAMES, *MODEL_FREE_DRAFTER_NAMES])
         return (
-            f"unknown precision or drafter {name!r} (allowed: {allowed}, or a layer-skip "
-            "draft such as skip-50%, skip:3,5,7, skip-search, nf4+skip-50%)"
+            f"unknown precision or drafter {name!r} (allowed: {allowed}, the target's own "
+            "variant such as self:int8, or a layer-skip draft such as skip-50%, skip:3,5,7, "
+            "skip-search, nf4+skip-50%)"
         )
     if skip.precision is not None and skip.precision not in PRECISION_NAMES:
         return f"{name!r}: unknown precision {skip.precision!r} before '+skip'"

@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from qspec.engine.draft_length import DRAFT_LENGTHS
-from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES
+from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, self_precision
 from qspec.records import (
     GENERATION_KINDS,
     GenerationRecord,
@@ -229,6 +229,9 @@ class Run:
     def draft_weights(self, draft: str | None) -> float | None:
         if draft is None:
             return 0.0
+        own = self_precision(draft)
+        if own is not None:  # the target model's own variant
+            return self.target_weights(own)
         w = self.variant_weights.get(("draft", draft), self.variant_weights.get(("any", draft)))
         if w is None and not any(v.precision == draft for v in self.variants):
             return 0.0  # a model-free drafter (n-gram): no weights
@@ -236,7 +239,8 @@ class Run:
 
     def weights_total(self, c: GenerationRecord) -> float | None:
         t = self.target_weights(c.target)
-        d = self.draft_weights(c.draft) if c.kind != Kind.TARGET_ONLY else 0.0
+        shared = c.kind == Kind.TARGET_ONLY or self_precision(c.draft or "") == c.target
+        d = 0.0 if shared else self.draft_weights(c.draft)  # the target drafting for itself
         return t + d if t is not None and d is not None else None
 
     # -- sample-size captions

@@ -21,7 +21,7 @@ from qspec.backends import qspec_loop, transformers_peer
 from qspec.backends.interface import Prepared, Timed
 from qspec.engine.cross_tokenizer import CrossTokenizerDrafter
 from qspec.engine.layerskip import LayerSkip
-from qspec.models.precisions import draft_variant
+from qspec.models.precisions import drafter_variant
 from qspec.plan import Cell, group_variants, groups, key_of_cell, plan
 from qspec.records import GenerationRecord, Kind, Skip
 from qspec.stages.cell_figures import bare_record, cell_record
@@ -146,9 +146,11 @@ def _prepare(ctx: RunContext, r: CellRun, prompts: list[EncodedPrompt]) -> None:
         raise Skip("unavailable", f"suite {cell.suite!r} declares no prompts")
     drafter = ctx.models.drafter(cell.draft, cell.target) if cell.draft is not None else None
     r.own_weights = ctx.models.build("target", cell.target).weights_bytes or 0
-    own_draft = draft_variant(cell.draft) if cell.draft is not None else None
-    if own_draft is not None:  # a layer-skip draft of the target itself adds no weights
-        r.own_weights += ctx.models.build("draft", own_draft).weights_bytes or 0
+    own_draft = drafter_variant(cell.draft) if cell.draft is not None else None
+    draft_built = ctx.models.build(*own_draft) if own_draft is not None else None
+    # a layer-skip draft of the target, or the target's own variant drafting, adds no weights
+    if draft_built is not None and draft_built.model is not target:
+        r.own_weights += draft_built.weights_bytes or 0
     if drafter is not None and isinstance(drafter.model, LayerSkip):
         r.draft_skip = list(drafter.model.skip)
         if cell.kind == Kind.HF_ASSISTED:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from qspec.engine.cross_tokenizer import token_bytes
 from qspec.measure.acceptance import expected_acceptance_rate, expected_tau
 from qspec.measure.teacher_forced import quality_pass, tokenize_corpus
-from qspec.models.precisions import PRECISION_NAMES, reference_precision
+from qspec.models.precisions import PRECISION_NAMES, reference_precision, self_precision
 from qspec.plan import key_of_record, key_of_stage
 from qspec.records import Kind, PairScreenRecord, PredictedAt, QualityRecord, Record, Skip
 from qspec.stages.context import RunContext
@@ -57,20 +57,27 @@ def _built(ctx: RunContext, role: str, precision: str):
 
 
 def _screened_models(ctx: RunContext) -> tuple[dict, dict]:
-    """(name -> built model, draft precision -> its name there): every built target variant
-    and model draft (no n-gram, no layer-skip); a draft of another model is 'draft:<p>'."""
+    """(name -> built model, drafter -> its model's name there): every built target variant
+    and model draft of the target's tokenizer (no n-gram, no layer-skip); a variant of another
+    draft model is 'draft:<p>', the target's own (self:<p>) is the target variant <p>."""
     cfg, models, names = ctx.cfg, {}, {}
     for precision in dict.fromkeys(cfg.target.precisions + cfg.quality.variants):
         model = _built(ctx, "target", precision)
         if model is not None:
             models[precision] = model
-    if ctx.models.cross_tokenizer:  # another tokenizer: predicted per cell only, on policy
-        return models, names
-    for precision in cfg.draft.precisions:
-        model = _built(ctx, "draft", precision) if precision in PRECISION_NAMES else None
+    for drafter in cfg.draft.precisions:
+        own = self_precision(drafter)
+        if own is not None:
+            role, precision, name = "target", own, own
+        elif drafter in PRECISION_NAMES and not ctx.models.cross_tokenizer:
+            # a draft of another tokenizer is predicted per cell only, on policy
+            role, precision = "draft", drafter
+            name = drafter if ctx.models.same_model else f"draft:{drafter}"
+        else:
+            continue
+        model = _built(ctx, role, precision)
         if model is not None:
-            name = precision if ctx.models.same_model else f"draft:{precision}"
-            names[precision] = name
+            names[drafter] = name
             models.setdefault(name, model)
     return models, names
 
@@ -88,7 +95,9 @@ def suite_quality(ctx: RunContext, suite, progress) -> list[Record]:
         return []
     q = cfg.quality
     ids = tokenize_corpus(ctx.models.tokenizer, texts, q.max_tokens)
-    pairs = [(t, names[d]) for t in cfg.target.precisions if t in models for d in names]
+    pairs = [
+        (t, n) for t in cfg.target.precisions if t in models for n in dict.fromkeys(names.values())
+    ]
     with progress.task(f"quality pass on {suite.name}", total=1) as advance:
         advance(f"{len(models)} variants, {q.max_tokens} tokens")
         result = quality_pass(
@@ -181,19 +190,20 @@ def _records(ctx: RunContext, suite, result, reference: str, names: dict) -> lis
                 **stats,
             )
         )
-    draft_name = {v: k for k, v in names.items()}
-    for (target, draft), stats in result.pairs.items():
-        records.append(
+    for (target, model), stats in result.pairs.items():
+        records += [
             PairScreenRecord(
                 suite=suite.name,
                 target=target,
-                draft=draft_name[draft],
+                draft=drafter,
                 on="suite corpus (teacher-forced)",
                 sampling=cfg.sampling.model_dump(),
                 predicted={str(g): _expected(stats, g) for g in cfg.gammas},
                 **stats,
             )
-        )
+            for drafter, name in names.items()
+            if name == model
+        ]
     return records
 
 

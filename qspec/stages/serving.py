@@ -22,7 +22,7 @@ from qspec.backends.vllm_metrics import SpecCounters, read_counters, requests_in
 from qspec.backends.vllm_server import Server, ServerError, ServerSpec, probe, vllm_python
 from qspec.config import MAX_GAMMA
 from qspec.models.builders import saved_folder
-from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, PRECISION_NAMES
+from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, drafter_variant, parse_skip
 from qspec.plan import ServingCell, key_of_serving, serving_plan
 from qspec.records import ServingRecord, Skip
 from qspec.stages.context import RunContext
@@ -189,9 +189,11 @@ def _server_spec(ctx: RunContext, target: str, draft: str | None, prompts) -> Se
             "prompt_lookup_max": d.ngram_max,
         }
     elif draft is not None:
-        if draft not in PRECISION_NAMES:
+        variant = drafter_variant(draft)
+        if variant is None or parse_skip(draft) is not None:
             raise Skip("unavailable", f"vLLM has no drafter like qspec's {draft!r} (layer skip)")
-        draft_folder, _, draft_quant = _served_files(ctx, "draft", draft)
+        role, precision = variant
+        draft_folder, _, draft_quant = _served_files(ctx, role, precision)
         if draft_quant is not None:
             raise Skip(
                 "unavailable",
@@ -203,7 +205,7 @@ def _server_spec(ctx: RunContext, target: str, draft: str | None, prompts) -> Se
             "num_speculative_tokens": gamma,
             "draft_sample_method": v.draft_sample_method,
         }
-        if ctx.models.cross_tokenizer:
+        if role == "draft" and ctx.models.cross_tokenizer:
             # vLLM's token-level intersection drafts greedily only (it refuses "probabilistic")
             spec.speculative.update(use_heterogeneous_vocab=True, draft_sample_method="greedy")
     return spec

@@ -22,7 +22,7 @@ from qspec.engine.drafters import MODEL_FREE_DRAFTERS, ModelDrafter
 from qspec.engine.layerskip import LayerSkip, decoder_layers, middle_layers
 from qspec.measure.skip_search import search_skip
 from qspec.models.builders import BuildContext, VariantUnavailable, build, weight_bytes
-from qspec.models.precisions import parse_skip
+from qspec.models.precisions import parse_skip, self_precision
 from qspec.models.refs import ResolvedModel, resolve
 from qspec.records import Skip, Status
 
@@ -139,11 +139,15 @@ class Models:
         return built.model
 
     def drafter(self, name: str, target: str | None = None):
-        """A fresh drafter, or Skip: n-gram lookup, a built draft variant, or a layer-skip
-        draft over the cell's target variant (`target`) or a draft variant."""
+        """A fresh drafter, or Skip: n-gram lookup, a built draft variant, the target model's
+        own variant (self:<precision>), or a layer-skip draft over the cell's target variant
+        (`target`) or a draft variant."""
         if name in MODEL_FREE_DRAFTERS:
             d = self.cfg.draft
             return MODEL_FREE_DRAFTERS[name](max_ngram=d.ngram_max, min_ngram=d.ngram_min)
+        own = self_precision(name)
+        if own is not None:
+            return ModelDrafter(self.model("target", own), name=name)
         skip = parse_skip(name)
         if skip is None:
             return self._model_drafter(self.model("draft", name), name, "draft")
