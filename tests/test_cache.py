@@ -262,3 +262,28 @@ def test_gptq_group_size_divides_every_layer_input(tmp_path, hidden, intermediat
             variants._gptq_group_size(ctx)
     else:
         assert variants._gptq_group_size(ctx) == group
+
+
+def test_a_second_builder_waits_and_finds_the_entry_built():
+    """Two processes building one entry (two runs, two test workers) build it once."""
+    entry = cache.entry_dir("models", "m")
+    script = (
+        "import sys, time\n"
+        "from qspec import cache\n"
+        "entry = cache.entry_dir('models', 'm')\n"
+        "with cache.building(entry) as missing:\n"
+        "    print('missing' if missing else 'found', flush=True)\n"
+        "    if missing:\n"
+        "        time.sleep(1.5)\n"
+        "        with cache.atomic_dir(entry) as tmp:\n"
+        "            (tmp / cache.SOURCE).write_text('{}')\n"
+    )
+    env = {**os.environ}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    said = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert said == ["found", "missing"]
+    assert (entry / cache.SOURCE).exists()
+    assert [e.name for e in cache.entries()] == ["m"]  # the lock file is not an entry

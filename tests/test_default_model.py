@@ -26,7 +26,10 @@ def test_predictions_on_visited_text_agree_with_measured_acceptance(tmp_path, de
     """Every cell is predicted on its own visited text, greedy and sampled, model and n-gram
     drafts: predicted alpha is within max(0.05, 2 standard errors) of the measured one, a
     greedy replay of the drafter reproduces the measured steps exactly, and each cell's peak
-    memory is its own (an nf4 target with an n-gram draft peaks below fp32 with an int8 draft)."""
+    memory is its own (the n-gram cell, measured after the int8 draft's in the same group,
+    peaks below it). The fp32 target only: it is the batch-invariant one, where the
+    prediction is judged (an nf4 target here cost half the test's time and asserted only
+    its replay)."""
     cfg = write_config(
         tmp_path / "c.toml",
         "smollm2-135m-instruct",
@@ -36,7 +39,7 @@ def test_predictions_on_visited_text_agree_with_measured_acceptance(tmp_path, de
         max_new_tokens="48",
         max_prompts="4",
         suites='["default"]',
-        _target='precisions = ["fp32", "nf4"]',
+        _target='precisions = ["fp32"]',
         _draft='precisions = ["int8", "ngram"]',
     )
     out = tmp_path / "run"
@@ -50,22 +53,21 @@ def test_predictions_on_visited_text_agree_with_measured_acceptance(tmp_path, de
         assert r["tested"] > 0
         # the prefill's token is never drafted, so never predicted
         assert r["alpha_predicted_positions"] <= sum(len(o["tokens"]) - 1 for o in r["outputs"])
-        if r["target_batch_invariant"]:
-            assert r["tested"] >= 20  # sampled text repeats less: n-gram drafts test ~30 there
-            assert r["alpha_agrees"], (
-                target,
-                draft,
-                mode,
-                r["alpha_measured"],
-                r["alpha_predicted"],
-            )
+        assert r["target_batch_invariant"] is True
+        assert r["tested"] >= 20  # sampled text repeats less: n-gram drafts test ~30 there
+        assert r["alpha_agrees"], (
+            target,
+            draft,
+            mode,
+            r["alpha_measured"],
+            r["alpha_predicted"],
+        )
         if mode == "greedy":
             assert r["replay_exact"] is True and r["tau_replay"] == r["tau"]
         low, high = r["alpha_measured_ci95"]
         assert low <= r["alpha_measured"] <= high
     assert spec[("fp32", "int8", "greedy")]["lossless"] is True
     assert spec[("fp32", "ngram", "greedy")]["lossless"] is True
-    assert (
-        spec[("nf4", "ngram", "greedy")]["peak_memory_bytes"]
-        < spec[("fp32", "int8", "greedy")]["peak_memory_bytes"]
-    )
+    for mode in ("greedy", "sample"):
+        ngram, int8 = spec[("fp32", "ngram", mode)], spec[("fp32", "int8", mode)]
+        assert ngram["peak_memory_bytes"] < int8["peak_memory_bytes"]

@@ -104,19 +104,20 @@ def build_gptq_int4(ctx: BuildContext):
     # gptqmodel's CPU pool defaults to half the cores: one worker on a 2-core machine
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(torch.get_num_threads()))
     out, key, group = gptq_entry(ctx)
-    if (out / "qspec-source.json").exists():
-        cache.touch(out)
-        return _load(BuildContext(str(out), ctx.device, ctx.trust_remote_code))
-    tok = AutoTokenizer.from_pretrained(ctx.location, trust_remote_code=ctx.trust_remote_code)
-    quant = GPTQConfig(bits=4, group_size=group, dataset=ctx.calibration_texts, tokenizer=tok)
-    model = _load(ctx, quantization_config=quant, dtype=_compute_dtype(ctx))
-    _drop_calibration_text(model)
-    with cache.atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        source = {"model": ctx.location, "bits": 4, "group_size": group, "key": key}
-        calibration = calibration_summary(ctx.calibration_texts)
-        (tmp / "qspec-source.json").write_text(json.dumps({**source, "calibration": calibration}))
+    with cache.building(out) as missing:
+        if not missing:
+            cache.touch(out)
+            return _load(BuildContext(str(out), ctx.device, ctx.trust_remote_code))
+        tok = AutoTokenizer.from_pretrained(ctx.location, trust_remote_code=ctx.trust_remote_code)
+        quant = GPTQConfig(bits=4, group_size=group, dataset=ctx.calibration_texts, tokenizer=tok)
+        model = _load(ctx, quantization_config=quant, dtype=_compute_dtype(ctx))
+        _drop_calibration_text(model)
+        with cache.atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            source = {"model": ctx.location, "bits": 4, "group_size": group, "key": key}
+            calibration = calibration_summary(ctx.calibration_texts)
+            (tmp / cache.SOURCE).write_text(json.dumps({**source, "calibration": calibration}))
     cache.touch(out)
     cache.enforce_limit(keep=out)
     return model

@@ -97,22 +97,27 @@ def convert_default_model() -> Path:
 def convert_builtin(name: str) -> Path:
     """Dequantize the packaged GGUF to a safetensors folder once; later calls reuse it."""
     out = cache.entry_dir("models", name)
-    if (out / "qspec-source.json").exists():
+    if (out / cache.SOURCE).exists():
         cache.touch(out)
         return out
-    builtin = BUILTIN[name]
+    with cache.building(out) as missing:
+        if missing:
+            _convert(BUILTIN[name], out)
+    cache.touch(out)
+    cache.enforce_limit(keep=out)
+    return out
+
+
+def _convert(builtin, out: Path) -> None:
     cache.cache_root().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache.cache_root()) as scratch:
         model, tok, src = _load_gguf(builtin.gguf(Path(scratch)))
     with cache.atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "qspec-source.json").write_text(
+        (tmp / cache.SOURCE).write_text(
             json.dumps({"gguf": src, "quantization": builtin.quantization})
         )
-    cache.touch(out)
-    cache.enforce_limit(keep=out)
-    return out
 
 
 def _load_gguf(src: Path):
