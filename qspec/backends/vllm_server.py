@@ -155,6 +155,7 @@ class Server:
                 preexec_fn=_die_with_parent,
             )
         self.pgid = self.proc.pid
+        self.launched = time.monotonic()
 
     def __enter__(self) -> Server:
         return self
@@ -173,8 +174,9 @@ class Server:
             return []
 
     def wait_healthy(self, timeout_s: float) -> float:
-        """Seconds until /health answered 200; ServerError if it died or the time ran out."""
-        start = time.monotonic()
+        """Seconds from launch until /health answered 200; ServerError if it died or the time
+        (counted from launch) ran out."""
+        start = self.launched
         while time.monotonic() - start < timeout_s:
             if not self.alive():
                 cause, refused = root_cause(self.log_path)

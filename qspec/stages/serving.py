@@ -105,8 +105,12 @@ def _measure_target(ctx: RunContext, suite: str, target: str, group, todo: set, 
         Served(d, cs) for d, cs in by_draft.items() if d is None or any(c in todo for c in cs)
     ]
     try:
+        # launched together, then waited for: a server's start is mostly its own imports and
+        # loading, which overlap on two cores (startup_s is each one's time beside the others)
         for s in served:
-            _start(ctx, s, target, prompts)
+            _guarded(_launch, ctx, s, target, prompts)
+        for s in served:
+            _guarded(_ready, ctx, s, prompts)
         for mode in v.modes:
             for repeat in range(v.repeats):
                 for level in v.concurrency:
@@ -142,21 +146,31 @@ def _prompts(ctx: RunContext, suite: str) -> list:
     )
 
 
-def _start(ctx: RunContext, s: Served, target: str, prompts) -> None:
-    """Start one pairing's server and warm it up; a fault is that pairing's status."""
-    v = ctx.cfg.vllm
-    try:
-        if not prompts:
-            raise Skip("unavailable", "no prompts to serve (the suite declares none)")
-        if v.url is not None:
-            s.server, s.stop = None, _stop(ctx, s)
-            return
-        s.spec = _server_spec(ctx, target, s.draft, prompts)
-        s.stop = _stop(ctx, s)
-        log_path = ctx.work_dir / "vllm" / f"{s.spec.name}.log"
-        s.server = Server(s.spec, log_path)
-        s.startup_s = s.server.wait_healthy(v.startup_timeout_s)
+def _launch(ctx: RunContext, s: Served, target: str, prompts) -> None:
+    """Start one pairing's server (or point at the configured deployment)."""
+    if not prompts:
+        raise Skip("unavailable", "no prompts to serve (the suite declares none)")
+    if ctx.cfg.vllm.url is not None:
+        s.server, s.stop = None, _stop(ctx, s)
+        return
+    s.spec = _server_spec(ctx, target, s.draft, prompts)
+    s.stop = _stop(ctx, s)
+    s.server = Server(s.spec, ctx.work_dir / "vllm" / f"{s.spec.name}.log")
+
+
+def _ready(ctx: RunContext, s: Served, prompts) -> None:
+    """Wait until a launched server answers, then warm it up."""
+    if s.server is not None:
+        s.startup_s = s.server.wait_healthy(ctx.cfg.vllm.startup_timeout_s)
         _warm(ctx, s, prompts)
+
+
+def _guarded(step, ctx: RunContext, s: Served, *args) -> None:
+    """One start-up step of a pairing still ok; a fault is that pairing's status."""
+    if s.status != "ok":
+        return
+    try:
+        step(ctx, s, *args)
     except Skip as skip:
         s.fail(skip.status, skip.reason)
     except ServerError as err:
