@@ -126,7 +126,7 @@ def tests(session: nox.Session) -> None:
     # two threads. Arguments after -- replace these.
     if not session.posargs:
         env["OMP_NUM_THREADS"] = "1"
-    args = session.posargs or ["-n", "2", "--dist", "loadgroup"]
+    args = session.posargs or ["-n", "2", "--dist", "loadgroup", "--durations=15"]
     session.run("pytest", "-q", *args, env=env)
 
 
