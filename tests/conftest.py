@@ -10,27 +10,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-# The files that take longest, first: under pytest-xdist (`nox -s tests` runs two workers) a
-# long file started last would run alone at the end. Measured on a fresh 2-core machine.
-LONGEST_FIRST = ("test_serving_live", "test_default_model", "test_reference_loop", "test_ray")
-# files whose tests share one worker: a fake server of test_serving would show up in
-# test_serving_live's check that no vLLM server outlived a run
-SAME_WORKER = {"test_serving": "test_serving_live"}
-
-
-def pytest_collection_modifyitems(config, items):
-    """Each file runs in one worker (module fixtures such as a built model are made once), the
-    longest files first."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-
-    def file_of(item) -> str:
-        name = item.module.__name__
-        return SAME_WORKER.get(name, name)
-
-    items.sort(key=lambda item: rank.get(file_of(item), len(rank)))  # stable: order kept within
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(file_of(item)))
-
 
 def tiny_llama(
     seed: int, vocab: int = 64, hidden: int = 32, layers: int = 2, heads: int = 4, **config
