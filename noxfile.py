@@ -52,8 +52,9 @@ def _pip_sources(python: Path) -> list[str]:
 def _uv_install(session: nox.Session, python: Path) -> list[str]:
     """The command that installs into the venv of `python`: uv's pip, as pip would resolve
     (every source's best match, not the first source's only)."""
-    session.install(UV)
     uv = str(Path(session.bin) / "uv")
+    if not Path(uv).exists():  # once per session venv: evaluate and tests install two venvs
+        session.install(UV)
     strategy = ["--index-strategy", "unsafe-best-match"]
     sources = _pip_sources(Path(session.bin) / "python")
     return [uv, "pip", "install", "--quiet", "--python", str(python), *strategy, *sources]
