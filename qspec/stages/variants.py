@@ -147,7 +147,7 @@ class Models:
             return MODEL_FREE_DRAFTERS[name](max_ngram=d.ngram_max, min_ngram=d.ngram_min)
         own = self_precision(name)
         if own is not None:
-            return ModelDrafter(self.model("target", own), name=name)
+            return self._model_drafter(self.model("target", own), name, "target")
         skip = parse_skip(name)
         if skip is None:
             return self._model_drafter(self.model("draft", name), name, "draft")
