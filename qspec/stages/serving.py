@@ -19,7 +19,14 @@ from types import SimpleNamespace
 
 from qspec.backends.vllm_load import Level, run_level, schedule
 from qspec.backends.vllm_metrics import SpecCounters, read_counters, requests_in_flight
-from qspec.backends.vllm_server import Server, ServerError, ServerSpec, probe, vllm_python
+from qspec.backends.vllm_server import (
+    Server,
+    ServerError,
+    ServerSpec,
+    probe,
+    root_cause,
+    vllm_python,
+)
 from qspec.config import MAX_GAMMA
 from qspec.models.builders import saved_folder
 from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, drafter_variant, parse_skip
@@ -67,13 +74,14 @@ def serving_stage(ctx: RunContext, progress) -> Iterator[ServingRecord]:
         return
     v = ctx.cfg.vllm
     if v.url is None:
-        version, problem = probe(vllm_python(v.python))
-        if problem:
+        found = probe(vllm_python(v.python))
+        if found.problem:
             for c in todo:
                 yield ServingRecord(
-                    key=keys[c], **c.coordinates(), status="unavailable", error=problem
+                    key=keys[c], **c.coordinates(), status="unavailable", error=found.problem
                 )
             return
+        version = found.version
     else:
         version = deployment_version(v.url, _address(ctx, None)[2])
     with progress.task("vllm levels", total=len(todo)) as advance:
@@ -182,6 +190,11 @@ def _guarded(step, ctx: RunContext, s: Served, *args) -> None:
 
 def _server_spec(ctx: RunContext, target: str, draft: str | None, prompts) -> ServerSpec:
     v = ctx.cfg.vllm
+    draft_variant = drafter_variant(draft) if draft is not None else None
+    served = {target, draft_variant[1] if draft_variant else None}
+    no_gptq = probe(vllm_python(v.python)).no_gptq
+    if no_gptq and "gptq-int4" in served:  # known before a server is started for nothing
+        raise Skip("unavailable", no_gptq)
     folder, dtype, quantization = _served_files(ctx, "target", target)
     spec = ServerSpec(
         name=f"{target}+{draft or 'alone'}",
@@ -256,8 +269,10 @@ def _warm(ctx: RunContext, s: Served, prompts) -> None:
     requests = schedule(_pairs(prompts[:1], 4), 1, 1, None)
     level = run_level(s.server.url, s.spec.name, requests, 1, s.stop)
     bad = [r.error for r in level.results if not r.ok]
-    if bad:
-        raise ServerError(f"warm-up request failed: {bad[0]}", s.server.log_tail())
+    if bad:  # the engine's own first error says why (a kernel it lacks here: unavailable)
+        cause, refused = root_cause(s.server.log_path)
+        why = f"warm-up request failed: {bad[0]}" + (f"; vLLM: {cause}" if cause else "")
+        raise ServerError(why, s.server.log_tail(), refused)
 
 
 def _pairs(prompts, cap: int | None = None) -> list[tuple[list[int], int]]:
