@@ -103,6 +103,9 @@ def build_gptq_int4(ctx: BuildContext):
         raise VariantUnavailable("gptq-int4 needs calibration text (a suite with a corpus)")
     # gptqmodel's CPU pool defaults to half the cores: one worker on a 2-core machine
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(torch.get_num_threads()))
+    # gptqmodel packs the 4-bit weights with a C++ extension it compiles on first use (31 s on
+    # 2 cores, a fresh machine's every first build); its Python path packs SmolLM2-135M at once
+    os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
     out, key, group = gptq_entry(ctx)
     with cache.building(out) as missing:
         if not missing:
