@@ -143,11 +143,14 @@ class VllmSettings(Strict):
     url: str | None = None
     api_key_env: str | None = None  # the environment variable holding that server's API key
     # target precisions and drafts served; vLLM on CPU loads fp32/bf16 and GPTQ builds, and
-    # ngram lookup; others are recorded as unavailable with vLLM's reason. bf16: a draft runs
-    # in its target's dtype, and vLLM's GPTQ kernels take only fp16/bf16 (an fp32 target with a
-    # GPTQ draft is refused)
-    targets: list[str] = ["bf16"]
-    drafts: list[str] = ["gptq-int4", "ngram"]
+    # ngram lookup; others are recorded as unavailable with vLLM's reason. The default serves
+    # fp32 (the qspec cells' reference, so the engines compare on one target) alone and with
+    # n-gram lookup. A GPTQ draft needs a bf16 target (a draft runs in its target's dtype and
+    # vLLM's GPTQ kernels take only fp16/bf16) and, on a CPU, vLLM's AVX-512 kernels: on an
+    # AVX2 machine bf16 serves at half fp32's speed (6.9 vs qspec's 14.5 tok/s) for no draft
+    # at all; configs/serving.toml serves them
+    targets: list[str] = ["fp32"]
+    drafts: list[str] = ["ngram"]
     gamma: int | None = Field(default=None, ge=1, le=MAX_GAMMA, description="None: max(gammas)")
     concurrency: list[int] = Field(default=[1, 4], min_length=1)
     modes: list[Literal["greedy", "sample"]] = Field(default=["greedy"], min_length=1)
@@ -196,17 +199,23 @@ class VllmSettings(Strict):
 
 
 class RunConfig(Strict):
-    # gptq-int4 needs the gptq extra; without it its cells are recorded as unavailable. The
-    # 4-bit draft is GPTQ's (it drafts better than nf4 at the same speed on CPU: alpha 0.90 vs
-    # 0.86 for an fp32 target, greedy); nf4 stays a target. Both keep a fresh CPU run short.
-    target: ModelSpec = ModelSpec(precisions=["fp32", "int8", "nf4", "gptq-int4"])
-    draft: DraftSpec = DraftSpec(precisions=["int8", "gptq-int4", "ngram"])
+    # The embedded default is sized for a fresh 2-core CPU machine (15 minutes, installs
+    # included): one target per precision class (float, INT8, INT4), the INT4 copy as the
+    # model draft beside n-gram lookup, nf4 screened for quality only. configs/full.toml is
+    # the full matrix (nf4 and int8 drafts, every target sampled). gptq-int4 needs the gptq
+    # extra; without it its cells are recorded as unavailable. GPTQ is the 4-bit draft: it
+    # drafts better than nf4 at the same speed on CPU (alpha 0.90 vs 0.86, fp32 target, greedy).
+    target: ModelSpec = ModelSpec(precisions=["fp32", "int8", "gptq-int4"])
+    draft: DraftSpec = DraftSpec(precisions=["gptq-int4", "ngram"])
     # None: a sweep of 1..8 on CUDA, [3] on CPU (where each extra gamma costs minutes)
     gammas: list[int] | None = Field(default=None, min_length=1)
     repeats: int = Field(
         default=1, ge=1, le=100, description="timed passes over the prompts per cell"
     )
     modes: list[Literal["greedy", "sample"]] = Field(default=["greedy", "sample"], min_length=1)
+    # which targets get sampled cells: the reference only (greedy cells already rank every
+    # target, and sampled acceptance is judged on the reference), or every target
+    sampled_targets: Literal["reference", "all"] = "reference"
     # drafts per step: fixed gamma, confidence stopping (gamma as the cap), or the heuristic
     # schedule (+2 after a full accept, -1 otherwise); each is a cell of its own
     draft_lengths: list[Literal[DRAFT_LENGTHS]] = Field(default=["fixed"], min_length=1)
@@ -229,9 +238,8 @@ class RunConfig(Strict):
     price_per_device_hour: float | None = Field(
         default=None, ge=0, description="USD per device-hour; adds cost per million output tokens"
     )
-    # int8-t0 (no outlier decomposition) screened beside int8: is the threshold what breaks
-    # batch invariance, and what does dropping it cost in quality?
-    quality: QualitySettings = QualitySettings(variants=["int8-t0"])
+    # nf4 (bitsandbytes 4-bit) screened beside GPTQ int4 for quality and batch invariance
+    quality: QualitySettings = QualitySettings(variants=["nf4"])
     tasks: TaskSettings = TaskSettings()
     # "local": every stage in this process, one cell after another; "ray": the stages as Ray
     # tasks, each cell group (one target variant) in a worker process of its own

@@ -61,6 +61,8 @@ def plan(cfg: RunConfig, suite_names: list[str], device: str = "cpu") -> list[Ce
     for suite in suite_names:
         for target in cfg.target.precisions:
             for mode in cfg.modes:
+                if mode == "sample" and cfg.sampled_targets == "reference" and target != reference:
+                    continue
                 cells.append(Cell(Kind.TARGET_ONLY, suite, target, None, 0, mode))
                 for draft in cfg.draft.precisions:
                     for gamma in cfg.gammas:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from qspec import store
+from qspec.backends.vllm_server import wait_for_probes
 from qspec.config import RunConfig, resolve_defaults
 from qspec.environment import describe, hardware, pick_device, quiet_transformers, versions
 from qspec.eta import Eta
@@ -104,12 +105,15 @@ def _records(ctx: RunContext, calibration, progress, info: RunInfo, out: Path):
     if ctx.cfg.executor == "ray":
         from qspec.ray_executor import run_jobs
 
+        wait_for_probes()  # workers time cells from the start
         yield from run_jobs(ctx, calibration, progress, started)
         # the served engine needs the machine to itself: after every worker is done
         yield from STAGES["serving"](ctx, progress)
         return
     started({"kind": "local", "concurrency": "one cell at a time, in one process"})
-    for stage in STAGES.values():
+    for name, stage in STAGES.items():
+        if name == "generation":  # timings need the machine: background probes end first
+            wait_for_probes()
         yield from stage(ctx, progress)
 
 

@@ -87,6 +87,7 @@ def write_config(path, model_dir, **overrides) -> str:
         "suites": '["example-custom"]',
         "hf_assisted_modes": '["greedy", "sample"]',
         "hf_assisted_targets": '"all"',
+        "sampled_targets": '"all"',
         # the served engine has tests of its own (test_serving_live.py): tiny runs stay in-process
         "engines": '["qspec"]',
         **{k: v for k, v in overrides.items() if not k.startswith("_")},

@@ -22,6 +22,7 @@ def config(**overrides):
     base = {
         "gammas": [2, 4],
         "modes": ["greedy", "sample"],
+        "sampled_targets": "all",
         "target": {"precisions": ["fp32", "nf4"]},
         "draft": {"precisions": ["int8", "ngram"]},
     }
@@ -43,6 +44,14 @@ def test_plan_puts_each_baseline_before_the_cells_that_compare_with_it():
     assert {(c.target, c.mode) for c in peers} == {("fp32", "greedy")}
     # one per draft at the largest gamma; the n-gram drafter's also at transformers' defaults
     assert sorted((c.draft, c.gamma) for c in peers) == [("int8", 4), ("ngram", 4), ("ngram", 10)]
+
+
+def test_sampled_cells_on_the_reference_target_only_by_default():
+    cfg = config(sampled_targets="reference")
+    sampled = {c.target for c in plan(cfg, ["a"], "cpu") if c.mode == "sample"}
+    greedy = {c.target for c in plan(cfg, ["a"], "cpu") if c.mode == "greedy"}
+    assert sampled == {"fp32"} and greedy == {"fp32", "nf4"}
+    assert parse_config({}).sampled_targets == "reference"
 
 
 def test_plan_peer_on_every_target_and_mode_when_asked():

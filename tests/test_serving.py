@@ -255,6 +255,23 @@ def test_missing_vllm_exits_2_before_any_model_loads(tmp_path, capsys):
     assert "vllm.url" in preflight(settings)
 
 
+def test_an_interpreter_without_vllm_exits_2_at_once(tmp_path, capsys):
+    """Checked from the installed distributions, without importing vLLM (that is probed in the
+    background while the models build)."""
+    import sys
+    import time
+
+    from qspec.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[vllm]\npython = "{sys.executable}"\n')  # qspec's venv: no vLLM in it
+    start = time.monotonic()
+    assert main(["evaluate", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert "vLLM is not installed for" in err and "nox -s vllm" in err
+
+
 def _fake_python(tmp_path, script: str):
     path = tmp_path / "python"
     path.write_text("#!/bin/sh\n" + script + "\n")
