@@ -11,7 +11,12 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from qspec.config import RunConfig
-from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, drafter_variant, reference_precision
+from qspec.models.precisions import (
+    MODEL_FREE_DRAFTER_NAMES,
+    drafter_variant,
+    parse_skip,
+    reference_precision,
+)
 from qspec.records import (
     GenerationRecord,
     Kind,
@@ -82,6 +87,21 @@ def plan(cfg: RunConfig, suite_names: list[str], device: str = "cpu") -> list[Ce
                         for gamma in dict.fromkeys(gammas):
                             cells.append(Cell(Kind.HF_ASSISTED, suite, target, draft, gamma, mode))
     return cells
+
+
+SELF_DRAFT = (
+    "the draft is this target variant itself (same model, same precision): each draft step "
+    "costs a target step, so it cannot be faster than the target alone; not measured"
+)
+
+
+def drafts_for_itself(cfg: RunConfig, target: str, draft: str | None) -> bool:
+    """A pairing whose draft is its own target variant (a layer-skip copy is not)."""
+    variant = drafter_variant(draft) if draft is not None else None
+    if variant is None or parse_skip(draft) is not None:
+        return False
+    role, precision = variant
+    return precision == target and (role == "target" or cfg.draft.ref == cfg.target.ref)
 
 
 # The pairing an existing deployment serves is read from it at run time ([vllm] url).

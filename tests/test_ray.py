@@ -46,7 +46,7 @@ def _run(tmp_path, model_dir, name, executor, fault=None, resume=False, **overri
         model_dir,
         executor=f'"{executor}"',
         baselines='["target_only"]',
-        _draft='precisions = ["nf4", "ngram"]\n[ray]\nnum_cpus = 2',
+        _draft='precisions = ["int8", "ngram"]\n[ray]\nnum_cpus = 2',
         **overrides,
     )
     cfg = load_config(cfg_path)
@@ -138,7 +138,7 @@ def test_a_dead_worker_fails_only_its_groups_remaining_cells(tmp_path, tiny_mode
     assert status == 0
     assert sorted((c.target, c.mode, c.draft or "") for c in measured) == [
         ("nf4", "sample", ""),
-        ("nf4", "sample", "nf4"),
+        ("nf4", "sample", "int8"),
         ("nf4", "sample", "ngram"),
     ]
     assert {r["key"] for r in after if r["status"] == "ok"} >= {r["key"] for r in lost}

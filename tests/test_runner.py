@@ -33,8 +33,12 @@ def test_evaluate_covers_every_pairing(tmp_path, tiny_model_dir):
             for draft in ("nf4", "ngram"):
                 assert ("speculative", target, draft, mode) in cells
                 assert ("hf_assisted", target, draft, mode) in cells
-    gen = [r for r in recs if r["kind"] == "speculative"]
+    gen = [r for r in recs if r["kind"] == "speculative" and r["target"] != r["draft"]]
     assert all(r["status"] == "ok" for r in gen), [r["error"] for r in gen]
+    # the nf4 target drafting for itself is planned, recorded and not measured
+    itself = [r for r in recs if "mode" in r and r["target"] == r["draft"] == "nf4"]
+    assert itself and all(r["status"] == "unavailable" for r in itself)
+    assert all("the draft is this target variant itself" in r["error"] for r in itself)
     for r in gen:
         for field in ("alpha_measured", "acceptance_rate", "tau", "accepted_histogram", "speedup"):
             assert field in r

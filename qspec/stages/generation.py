@@ -22,7 +22,15 @@ from qspec.backends.interface import Prepared, Timed
 from qspec.engine.cross_tokenizer import CrossTokenizerDrafter
 from qspec.engine.layerskip import LayerSkip
 from qspec.models.precisions import drafter_variant
-from qspec.plan import Cell, group_variants, groups, key_of_cell, plan
+from qspec.plan import (
+    SELF_DRAFT,
+    Cell,
+    drafts_for_itself,
+    group_variants,
+    groups,
+    key_of_cell,
+    plan,
+)
 from qspec.records import GenerationRecord, Kind, Skip
 from qspec.stages.cell_figures import bare_record, cell_record
 from qspec.stages.context import RunContext
@@ -141,6 +149,8 @@ def _prepare(ctx: RunContext, r: CellRun, prompts: list[EncodedPrompt]) -> None:
     cell = r.cell
     if ctx.fault is not None:
         ctx.fault(cell)
+    if drafts_for_itself(ctx.cfg, cell.target, cell.draft):
+        raise Skip("unavailable", SELF_DRAFT)
     target = ctx.models.model("target", cell.target)
     if not prompts:
         raise Skip("unavailable", f"suite {cell.suite!r} declares no prompts")

@@ -31,7 +31,8 @@ def missing_cells(run: Run) -> list[dict]:
     """Generation cells the run's config plans (plan.planned, the runner's own list) that have
     no record."""
     try:
-        cfg = parse_config(run.config, "run.json config")
+        # runs before sampled_targets existed sampled every target
+        cfg = parse_config({"sampled_targets": "all", **run.config}, "run.json config")
         suites = [SuitePlan(text(s)) for s in (run.info.suites or cfg.suites)]
     except (ConfigError, TypeError, ValueError):
         return []
