@@ -105,6 +105,9 @@ class QualitySettings(Strict):
     max_tokens: int = Field(default=1024, ge=16, description="scored positions per suite corpus")
     window: int = Field(default=512, ge=8)
     stride: int = Field(default=256, ge=1)
+    # positions compared per variant in the batch-invariance check (a few seconds each on a
+    # CPU; fewer only where a run is a smoke test)
+    invariance_positions: int = Field(default=128, ge=8)
 
     @field_validator("variants")
     @classmethod

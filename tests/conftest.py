@@ -10,6 +10,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
+# The files that take longest, first: `nox -s tests` runs two pytest-xdist workers a file at
+# a time (--dist loadfile), and a long file started last would run alone at the end.
+LONGEST_FIRST = ("test_serving_live", "test_default_model", "test_reference_loop", "test_ray")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable within
+
 
 def tiny_llama(
     seed: int, vocab: int = 64, hidden: int = 32, layers: int = 2, heads: int = 4, **config
@@ -104,6 +113,7 @@ def write_config(path, model_dir, **overrides) -> str:
         "max_tokens = 64",
         "window = 32",
         "stride = 16",
+        overrides.get("_quality", ""),
         "[tasks]",
         overrides.get("_tasks", "enabled = false"),
         "[vllm]",

@@ -41,6 +41,7 @@ def test_predictions_on_visited_text_agree_with_measured_acceptance(tmp_path, de
         suites='["default"]',
         _target='precisions = ["fp32"]',
         _draft='precisions = ["int8", "ngram"]',
+        _quality="invariance_positions = 32",  # fp32's invariance is judged in test_invariance
     )
     out = tmp_path / "run"
     assert main(["evaluate", "--config", cfg, "--out", str(out), "--quiet"]) == 0

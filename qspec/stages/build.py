@@ -14,8 +14,6 @@ from qspec.stages.context import RunContext
 
 log = logging.getLogger("qspec")
 
-INVARIANCE_POSITIONS = 128  # compared positions per variant: a few seconds each on a CPU
-
 
 def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
     models, texts = ctx.models, {}
@@ -55,7 +53,7 @@ def _suite_text(ctx: RunContext, tokenizer):
         except Exception:  # noqa: BLE001
             continue
         if texts:
-            ids = tokenize_corpus(tokenizer, texts, INVARIANCE_POSITIONS + 16)[0]
+            ids = tokenize_corpus(tokenizer, texts, ctx.cfg.quality.invariance_positions + 16)[0]
             return torch.tensor(ids, device=ctx.device)
     return None
 
@@ -68,7 +66,9 @@ def _invariance(ctx: RunContext, built, ids) -> Invariance | None:
     try:
         from qspec.measure.invariance import batch_invariance
 
-        return batch_invariance(built.model, ids, k, max_positions=INVARIANCE_POSITIONS)
+        return batch_invariance(
+            built.model, ids, k, max_positions=ctx.cfg.quality.invariance_positions
+        )
     except Exception as err:  # noqa: BLE001 - a missing figure never costs the variant
         log.debug(traceback.format_exc())
         log.warning("batch-invariance check failed: %s", err)
