@@ -1,18 +1,16 @@
 """The served engine's logic without a server: counters, schedules, level figures, the paired
-speedup, the lossless check, the verdict per level, config and preflight errors, and the
-process handling of a server that never becomes healthy or exits while starting."""
+speedup, the lossless check, the verdict per level, config and preflight errors. (Processes
+that pose as a server are in test_serving_live.py, with the checks that no server is left.)"""
 
 from __future__ import annotations
 
-import os
-import stat
 from types import SimpleNamespace
 
 import pytest
 
 from qspec.backends.vllm_load import Level, Result, _chunk, body, schedule
 from qspec.backends.vllm_metrics import SpecCounters, parse_counters
-from qspec.backends.vllm_server import Server, ServerError, ServerSpec, preflight
+from qspec.backends.vllm_server import preflight
 from qspec.config import ConfigError, parse_config
 from qspec.measure.concurrency import LevelLoad, engine_acceptance
 from qspec.plan import SuitePlan, planned, serving_plan
@@ -270,40 +268,6 @@ def test_an_interpreter_without_vllm_exits_2_at_once(tmp_path, capsys):
     assert time.monotonic() - start < 10
     err = capsys.readouterr().err
     assert "vLLM is not installed for" in err and "nox -s vllm" in err
-
-
-def _fake_python(tmp_path, script: str):
-    path = tmp_path / "python"
-    path.write_text("#!/bin/sh\n" + script + "\n")
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return path
-
-
-def test_server_that_never_answers_times_out_and_leaves_nothing(tmp_path):
-    # a "server" that forks a child and sleeps: stop() must reach the child too
-    python = _fake_python(tmp_path, "echo starting; sleep 300 & sleep 300")
-    server = Server(ServerSpec("x", python, "m"), tmp_path / "x.log")
-    with pytest.raises(ServerError, match="not healthy after 2 s") as err:
-        server.wait_healthy(2)
-    assert "starting" in err.value.log_tail
-    server.stop(grace_s=2)
-    assert not server.alive()
-    with pytest.raises(ProcessLookupError):
-        os.killpg(server.pgid, 0)
-
-
-def test_server_that_exits_reports_its_log(tmp_path):
-    python = _fake_python(
-        tmp_path, 'echo "ValueError: Unknown quantization method: bitsandbytes"; exit 3'
-    )
-    server = Server(ServerSpec("y", python, "m", quantization="bitsandbytes"), tmp_path / "y.log")
-    with pytest.raises(ServerError, match="exited with code 3") as err:
-        server.wait_healthy(30)
-    assert any("Unknown quantization" in line for line in err.value.log_tail)
-    assert err.value.refused and "Unknown quantization method: bitsandbytes" in str(err.value)
-    server.stop(grace_s=1)
-    assert "--quantization" in ServerSpec("y", python, "m", quantization="bitsandbytes").command(1)
-    assert "127.0.0.1" in server.spec.command(server.port)
 
 
 def test_engines_side_by_side_flags_a_disagreement():

@@ -1,22 +1,43 @@
 """Real vLLM servers, started from the venv the noxfile installs, on a tiny model: one sweep
 that exercises the levels, the engine's counters, the lossless check, a server SIGKILLed
 mid-sweep (its cells fail with its log, the others stand), no server left behind, and a
---resume that measures only the failed cells again. Four server starts, ~3 minutes."""
+--resume that measures only the failed cells again. Beside them (in this file, because
+`running_servers` sees every process on the machine and pytest-xdist runs files side by
+side), the process handling of fake servers that never become healthy or exit at start.
+
+The servers run their model in the engine process (vLLM's uniprocess executor): on a CPU
+vLLM otherwise spawns a worker process that imports vLLM once more, 25-35 s of each start on
+two cores. What these tests check (qspec's launch, sweep, kill and resume) does not depend
+on it; `qspec evaluate` serves with vLLM's defaults."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import stat
 import time
 from pathlib import Path
 
 import pytest
 
 from qspec import store
-from qspec.backends.vllm_server import probe, running_servers, vllm_python
+from qspec.backends.vllm_server import (
+    Server,
+    ServerError,
+    ServerSpec,
+    probe,
+    running_servers,
+    vllm_python,
+)
 
-pytestmark = pytest.mark.slow
+# a CPU server takes the uniprocess executor only with V1 multiprocessing off
+UNIPROC = ["--distributed-executor-backend", "uni"]
+
+
+@pytest.fixture(autouse=True)
+def _uniprocess(monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +74,7 @@ def _api_pid(name: str) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_sweep_kill_resume(tmp_path, servable_model, vllm_ready, monkeypatch):
     from qspec.cli import main
 
@@ -83,6 +105,7 @@ def test_sweep_kill_resume(tmp_path, servable_model, vllm_ready, monkeypatch):
     assert alone["engine_version"].startswith("vllm")
 
     monkeypatch.undo()
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     assert main(["evaluate", "--config", cfg, "--quiet", "--resume", str(out)]) == 0
     assert running_servers() == []
     recs = _serving(out)
@@ -116,7 +139,7 @@ def _served_config(tmp_path, model, vllm: str, **overrides) -> str:
         modes='["greedy"]',
         _target='precisions = ["fp32"]',
         _draft='precisions = ["ngram"]\nngram_min = 1\nngram_max = 3',
-        _vllm='targets = ["fp32"]\ndrafts = ["ngram"]\n' + vllm,
+        _vllm=f'targets = ["fp32"]\ndrafts = ["ngram"]\nextra_args = {UNIPROC}\n' + vllm,
         **overrides,
     )
 
@@ -138,6 +161,7 @@ def _with_fault(fault):
     return make
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_a_server_starts_leaves_none(tmp_path, servable_model, vllm_ready):
     import subprocess
     import sys
@@ -155,8 +179,8 @@ def test_ctrl_c_while_a_server_starts_leaves_none(tmp_path, servable_model, vllm
     assert running_servers() == [], "a server outlived Ctrl-C"
 
 
+@pytest.mark.slow
 def test_existing_deployment_is_measured_as_served(tmp_path, servable_model, vllm_ready):
-    from qspec.backends.vllm_server import Server, ServerSpec
     from qspec.cli import main
 
     spec = ServerSpec(
@@ -169,6 +193,7 @@ def test_existing_deployment_is_measured_as_served(tmp_path, servable_model, vll
             "prompt_lookup_min": 1,
             "prompt_lookup_max": 3,
         },
+        extra_args=UNIPROC,
     )
     with Server(spec, tmp_path / "theirs.log") as server:
         server.wait_healthy(240)
@@ -184,3 +209,37 @@ def test_existing_deployment_is_measured_as_served(tmp_path, servable_model, vll
         assert r["server"] == server.url and r["method"] == "as served" and r["gamma"] == 2
         assert r["draft_tokens"] > 0 and r["speedup"] is None  # no target alone to pair with
     assert running_servers() == []
+
+
+def _fake_python(tmp_path, script: str):
+    path = tmp_path / "python"
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def test_server_that_never_answers_times_out_and_leaves_nothing(tmp_path):
+    # a "server" that forks a child and sleeps: stop() must reach the child too
+    python = _fake_python(tmp_path, "echo starting; sleep 300 & sleep 300")
+    server = Server(ServerSpec("x", python, "m"), tmp_path / "x.log")
+    with pytest.raises(ServerError, match="not healthy after 2 s") as err:
+        server.wait_healthy(2)
+    assert "starting" in err.value.log_tail
+    server.stop(grace_s=2)
+    assert not server.alive()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(server.pgid, 0)
+
+
+def test_server_that_exits_reports_its_log(tmp_path):
+    python = _fake_python(
+        tmp_path, 'echo "ValueError: Unknown quantization method: bitsandbytes"; exit 3'
+    )
+    server = Server(ServerSpec("y", python, "m", quantization="bitsandbytes"), tmp_path / "y.log")
+    with pytest.raises(ServerError, match="exited with code 3") as err:
+        server.wait_healthy(30)
+    assert any("Unknown quantization" in line for line in err.value.log_tail)
+    assert err.value.refused and "Unknown quantization method: bitsandbytes" in str(err.value)
+    server.stop(grace_s=1)
+    assert "--quantization" in ServerSpec("y", python, "m", quantization="bitsandbytes").command(1)
+    assert "127.0.0.1" in server.spec.command(server.port)
