@@ -91,8 +91,9 @@ def test_sweep_kill_resume(tmp_path, servable_model, vllm_ready, monkeypatch):
             killed.append(pid)
             time.sleep(1)
 
-    monkeypatch.setattr("qspec.runner.RunContext", _with_fault(kill_ngram_at_2))
-    assert main(["evaluate", "--config", cfg, "--out", str(out), "--quiet"]) == 1
+    with monkeypatch.context() as faulty:  # the fault for this run only
+        faulty.setattr("qspec.runner.RunContext", _with_fault(kill_ngram_at_2))
+        assert main(["evaluate", "--config", cfg, "--out", str(out), "--quiet"]) == 1
     assert killed and running_servers() == [], "a server outlived the run"
     recs = _serving(out)
     assert all(recs[(None, c)]["status"] == "ok" for c in (1, 2))
@@ -104,8 +105,6 @@ def test_sweep_kill_resume(tmp_path, servable_model, vllm_ready, monkeypatch):
     assert alone["output_tokens"] > 0 and alone["tpot_s"]["n"] >= 2
     assert alone["engine_version"].startswith("vllm")
 
-    monkeypatch.undo()
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     assert main(["evaluate", "--config", cfg, "--quiet", "--resume", str(out)]) == 0
     assert running_servers() == []
     recs = _serving(out)
