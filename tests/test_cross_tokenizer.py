@@ -154,7 +154,7 @@ def test_a_run_with_a_draft_of_another_tokenizer(
         tmp_path / "c.toml",
         tiny_model_dir,
         _target='precisions = ["fp32"]',
-        hf_assisted_modes='["greedy"]',
+        hf_assisted_modes='["greedy", "sample"]',
     )
     text = (
         open(cfg)
@@ -190,9 +190,24 @@ def test_a_run_with_a_draft_of_another_tokenizer(
     assert [(r["target"], r["draft"]) for r in screens] == [("fp32", "self:int8")]
     variants = {(r["model"], r["precision"]) for r in recs if r["kind"] == "variant"}
     assert (str(tiny_model_dir), "int8") in variants
+    # transformers' universal assisted generation (greedy) and universal speculative decoding
+    # (sampled, which prunes its draft in place: it gets a copy, and qspec's cells still run)
     peer = [r for r in recs if r["kind"] == "hf_assisted" and r["draft"] == "fp32"]
-    assert peer and peer[0]["status"] == "ok", peer[0]["error"]
+    assert sorted(r["mode"] for r in peer) == ["greedy", "sample"]
+    peer.sort(key=lambda r: r["mode"])
     assert peer[0]["lossless"] is True
+    # the peer's acceptance, counted step by step: every emitted token belongs to a step
+    for r in [r for r in recs if r["kind"] == "hf_assisted"]:
+        assert r["status"] == "ok", r["error"]
+        emitted = sum(len(o["tokens"]) for o in r["outputs"])
+        assert 0 <= r["accepted"] <= r["drafted"] and r["drafted"] > 0 and r["steps"] > 0
+        assert r["tau"] * r["steps"] == pytest.approx(emitted)
+        low, high = r["acceptance_rate_ci95"]
+        assert low - 1e-9 <= r["acceptance_rate"] <= high + 1e-9
+    assert peer[0]["cross_tokenizer"]["draft_tokens_per_target_token"] > 0
+    # the target's own int8 copy agrees with it mostly, counted by transformers' loop as by qspec's
+    own_peer = next(r for r in recs if r["kind"] == "hf_assisted" and r["draft"] == "self:int8")
+    assert own_peer["alpha_measured"] > 0.5
     # quality across families: bits per byte of the same corpus text, each in its own tokens
     quality = {r["variant"]: r for r in recs if r["kind"] == "quality"}
     target_q, draft_q = quality["fp32"], quality["draft:fp32"]

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from qspec.engine.loop import Generation
+from qspec.engine.loop import Generation, Step
 from qspec.measure.speedup import Timing
+
+
+@dataclass
+class Counted:
+    """A peer's steps, counted from outside its loop: what acceptance needs (drafted, accepted
+    and emitted per step, in target tokens), and the tokens its draft model decoded in its own
+    vocabulary (more or fewer than it proposed, when the tokenizers differ)."""
+
+    steps: list[Step] = field(default_factory=list)
+    draft_model_tokens: int = 0
 
 
 @dataclass
@@ -19,6 +29,20 @@ class Timed:
     total_s: float
     gen: Generation | None = None  # qspec's engine record (steps, prefill); None for a peer
     memory_rise: int = 0  # bytes above what was resident when it started
+    counted: Counted | None = None  # a peer's steps, where it can be counted
+
+    @property
+    def steps(self) -> list[Step]:
+        """The steps acceptance is measured on, from the engine or counted from a peer."""
+        if self.gen is not None:
+            return self.gen.steps
+        return self.counted.steps if self.counted is not None else []
+
+    @property
+    def draft_model_tokens(self) -> int:
+        if self.gen is not None:
+            return self.gen.draft_model_tokens
+        return self.counted.draft_model_tokens if self.counted is not None else 0
 
     @property
     def timing(self) -> Timing:

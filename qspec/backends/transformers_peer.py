@@ -1,15 +1,22 @@
 """transformers' generate and assisted generation for the same pair: the peer qspec's loop is
-timed against (hf_assisted cells), with transformers' own prompt lookup as the n-gram peer."""
+timed against (hf_assisted cells), with transformers' own prompt lookup as the n-gram peer.
+
+Its acceptance is counted too, so the peer is an acceptance peer and not only a clock: each
+assisted step's candidates and matches are read where transformers' loop hands them to its
+candidate generator (get_candidates, update_candidate_strategy), in target tokens.
+"""
 
 from __future__ import annotations
 
+import copy
 import time
+from contextlib import contextmanager
 
 import torch
 
-from qspec.backends.interface import Prepared, Timed
+from qspec.backends.interface import Counted, Prepared, Timed
 from qspec.engine.cross_tokenizer import CrossTokenizerDrafter
-from qspec.engine.loop import sync
+from qspec.engine.loop import Step, sync
 from qspec.engine.sampling import Sampler
 from qspec.measure.memory import peak_bytes, reset_peak
 from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES
@@ -57,23 +64,81 @@ def hf_generate(
 
 
 def hf_assisted(
-    target, prompt: torch.Tensor, *, draft_model=None, gamma: int, tokenizers=None, **run
+    target,
+    prompt: torch.Tensor,
+    *,
+    draft_model=None,
+    gamma: int,
+    tokenizers=None,
+    counted: Counted | None = None,
+    **run,
 ):
     """Assisted generation with a constant schedule of exactly gamma drafts; returns (tokens, seconds).
 
     With draft_model None it uses transformers' own prompt-lookup drafter (the n-gram peer).
     tokenizers (target's, draft's) make it universal assisted generation, for a draft whose
-    tokenizer differs from the target's.
+    tokenizer differs from the target's. counted, if given, receives every step.
     """
     if draft_model is None:
-        return hf_generate(target, prompt, prompt_lookup_num_tokens=gamma, **run)
-    gc = draft_model.generation_config
-    gc.num_assistant_tokens = gamma
-    gc.num_assistant_tokens_schedule = "constant"
-    gc.assistant_confidence_threshold = 0.0
-    if tokenizers is not None:
-        run.update(tokenizer=tokenizers[0], assistant_tokenizer=tokenizers[1])
-    return hf_generate(target, prompt, assistant_model=draft_model, **run)
+        assist = dict(prompt_lookup_num_tokens=gamma)
+    else:
+        gc = draft_model.generation_config
+        gc.num_assistant_tokens = gamma
+        gc.num_assistant_tokens_schedule = "constant"
+        gc.assistant_confidence_threshold = 0.0
+        assist = dict(assistant_model=draft_model)
+        if tokenizers is not None:
+            assist.update(tokenizer=tokenizers[0], assistant_tokenizer=tokenizers[1])
+    if counted is None:
+        return hf_generate(target, prompt, **assist, **run)
+    with _counting(target, draft_model, counted):
+        return hf_generate(target, prompt, **assist, **run)
+
+
+@contextmanager
+def _counting(target, draft_model, counted: Counted):
+    """Count each assisted step on this call's candidate generator, and the draft model's own
+    decoded tokens. The wrappers cost a shape read and an append per step (of a forward's ms)."""
+    build = target._get_candidate_generator
+
+    def candidate_generator(*args, **kwargs):
+        gen = build(*args, **kwargs)
+        get, update = gen.get_candidates, gen.update_candidate_strategy
+        proposed = [0]
+
+        def get_candidates(input_ids, **kw):
+            out = get(input_ids, **kw)
+            proposed[0] = out[0].shape[1] - input_ids.shape[1]
+            return out
+
+        def update_candidate_strategy(input_ids, scores, num_matches):
+            n = int(num_matches)  # after transformers cut the step at an EOS or the length
+            nan = float("nan")  # the peer's draft and verify times are not separable
+            counted.steps.append(Step(proposed[0], n, n + 1, nan, nan))
+            return update(input_ids, scores, num_matches)
+
+        gen.get_candidates = get_candidates
+        gen.update_candidate_strategy = update_candidate_strategy
+        return gen
+
+    target._get_candidate_generator = candidate_generator
+    if draft_model is not None:
+        draft_generate = draft_model.generate
+
+        def generate(*args, **kwargs):
+            out = draft_generate(*args, **kwargs)
+            fed = kwargs.get("input_ids")
+            if fed is not None and hasattr(out, "sequences"):
+                counted.draft_model_tokens += out.sequences.shape[1] - fed.shape[1]
+            return out
+
+        draft_model.generate = generate
+    try:
+        yield
+    finally:
+        del target._get_candidate_generator
+        if draft_model is not None:
+            del draft_model.generate
 
 
 def prepare(ctx, cell, target, drafter, prompts) -> Prepared:
@@ -85,11 +150,18 @@ def prepare(ctx, cell, target, drafter, prompts) -> Prepared:
     eos = stop_ids(tokenizer, target)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     cross = isinstance(drafter, CrossTokenizerDrafter)
+    tokenizers = (drafter.target_tok, drafter.draft_tok) if cross else None
+    sampler = ctx.sampler(cell.mode)
+    if cross and not sampler.greedy:
+        # Sampled across tokenizers, transformers (universal speculative decoding) prunes the
+        # draft's embeddings and LM head to the shared vocabulary in place, and caches that per
+        # tokenizer pair: this cell gets its own copies, so qspec's cells keep the draft intact.
+        draft_model, tokenizers = copy.deepcopy(draft_model), copy.deepcopy(tokenizers)
     run = dict(
         draft_model=draft_model,
-        tokenizers=(drafter.target_tok, drafter.draft_tok) if cross else None,
+        tokenizers=tokenizers,
         gamma=cell.gamma,
-        sampler=ctx.sampler(cell.mode),
+        sampler=sampler,
         eos_ids=eos,
         pad_id=pad,
     )
@@ -99,11 +171,17 @@ def prepare(ctx, cell, target, drafter, prompts) -> Prepared:
 
     def one(i: int, repeat: int) -> Timed:
         p = prompts[i]
+        counted = Counted()
         resident = reset_peak(ctx.device)
         toks, secs = hf_assisted(
-            target, p.ids, max_new_tokens=p.max_new_tokens, seed=ctx.cfg.seed + i, **run
+            target,
+            p.ids,
+            max_new_tokens=p.max_new_tokens,
+            seed=ctx.cfg.seed + i,
+            counted=counted,
+            **run,
         )
         rise = peak_bytes(ctx.device)[0] - resident
-        return Timed(i, repeat, toks, secs, None, max(rise, 0))
+        return Timed(i, repeat, toks, secs, None, max(rise, 0), counted)
 
     return Prepared(run=one)

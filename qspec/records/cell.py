@@ -61,7 +61,8 @@ class GenerationRecord(Record):
     """One generation cell: target-only, speculative through qspec's engine, or transformers' peer.
 
     Engine cells (target_only, speculative) fill the acceptance and latency figures; the
-    transformers peer (hf_assisted) has throughput, memory and outputs only.
+    transformers peer (hf_assisted) has throughput, memory, outputs and acceptance (its steps
+    counted in target tokens), but no per-step latency.
     """
 
     kind: Literal[Kind.TARGET_ONLY, Kind.SPECULATIVE, Kind.HF_ASSISTED]

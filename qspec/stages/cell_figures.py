@@ -33,20 +33,20 @@ def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
     c = r.cell
     if r.status != "ok":
         return bare_record(ctx, r, r.status, r.error)
-    gens = [t.gen for t in _first_pass(r) if t.gen is not None]
-    steps = [s for t in r.timed if t.gen is not None for s in t.gen.steps]  # every repeat
-    measured = Acceptance.of([s for g in gens for s in g.steps], c.gamma)
+    first = _first_pass(r)
+    steps = [s for t in r.timed for s in t.steps]  # every repeat
+    measured = Acceptance.of([s for t in first for s in t.steps], c.gamma)
     invariance = ctx.invariance.get((ctx.models.target_ref.ref, c.target))
     fields = {
         **_coordinates(ctx, r),
         "n_prompts": len(prompts),
         "repeats": ctx.cfg.repeats,
         "draft_skip": r.draft_skip,
-        "cross_tokenizer": _cross_tokenizer(r, gens),
+        "cross_tokenizer": _cross_tokenizer(r, first),
         "target_batch_invariant": invariance.batch_invariant if invariance else None,
         **_memory(ctx, r),
         **(_engine_figures(ctx, r, measured, steps) if c.kind != Kind.HF_ASSISTED else {}),
-        **(_peer_figures(r) if c.kind == Kind.HF_ASSISTED else {}),
+        **(_peer_figures(r, measured) if c.kind == Kind.HF_ASSISTED else {}),
         "outputs": _outputs(ctx, r, prompts),
     }
     baseline_ok = base is not None and base.status == "ok"
@@ -69,12 +69,12 @@ def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
     return GenerationRecord(**fields)
 
 
-def _cross_tokenizer(r, gens) -> dict | None:
-    """The vocabulary map and, for qspec's loop, draft-model tokens per target token drafted."""
+def _cross_tokenizer(r, first) -> dict | None:
+    """The vocabulary map and draft-model tokens decoded per target token drafted."""
     if r.cross_tokenizer is None:
         return None
-    drafted = sum(s.drafted for g in gens for s in g.steps)
-    run = sum(g.draft_model_tokens for g in gens)
+    drafted = sum(s.drafted for t in first for s in t.steps)
+    run = sum(t.draft_model_tokens for t in first)
     per = run / drafted if drafted and run else None
     return {**r.cross_tokenizer, "draft_tokens_per_target_token": per}
 
@@ -140,14 +140,21 @@ def _engine_figures(ctx, r, measured: Acceptance, steps) -> dict:
     }
 
 
-def _peer_figures(r) -> dict:
+def _peer_figures(r, measured: Acceptance) -> dict:
+    """Throughput, and acceptance where the peer's steps were counted (transformers_peer.py)."""
     tokens = sum(len(t.tokens) for t in r.timed)
     seconds = sum(t.total_s for t in r.timed)
-    return {
+    f = {
         "tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else None,
     }
+    if measured.steps:
+        per_prompt = [Acceptance.of(t.steps, r.cell.gamma) for t in _first_pass(r)]
+        f.update(measured.fields())
+        f["per_prompt_acceptance_rate"] = spread_of([a.rate for a in per_prompt])
+        f["per_prompt_tau"] = spread_of([a.tau for a in per_prompt])
+    return f
 
 
 def _outputs(ctx, r, prompts) -> list[Output]:
@@ -163,8 +170,10 @@ def _outputs(ctx, r, prompts) -> list[Output]:
             tokens_per_s=len(t.tokens) / t.total_s if t.total_s else None,
         )
         if t.gen is not None:
-            a = Acceptance.of(t.gen.steps, r.cell.gamma)
-            o.ttft_s, o.steps = t.gen.ttft_s, len(t.gen.steps)
+            o.ttft_s = t.gen.ttft_s
+        if t.steps:
+            a = Acceptance.of(t.steps, r.cell.gamma)
+            o.steps = len(t.steps)
             o.acceptance_rate, o.alpha_measured, o.tau = a.rate, a.alpha, a.tau
         out.append(o)
     return out
