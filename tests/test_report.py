@@ -668,3 +668,42 @@ def test_uncertain_cells_are_marked_with_n():
     assert marks["acceptance rate"] == {(0, 0): "n=9"}
     assert (0, 0) in marks["measured speedup (×)"] and (0, 1) not in marks["measured speedup (×)"]
     assert plots.heatmaps(panels, ["fp32"], ["ngram", "int8"], "t").startswith("data:image/svg")
+
+
+def test_a_draft_of_another_model_is_named_and_its_peer_acceptance_shown(tmp_path):
+    """Two families: SmolLM2's fp32 drafting for Gemma's fp32 reads as such, not as "fp32 +
+    fp32", the target's own copy keeps its self: name, and transformers' peer shows the
+    acceptance it was counted at."""
+    meta = json.loads((DATA / "run.json").read_text())
+    meta["config"]["target"] = {"ref": "gemma3-270m", "precisions": ["fp32"]}
+    meta["config"]["draft"] = {
+        "ref": "smollm2-135m-instruct",
+        "precisions": ["fp32", "self:int8"],
+    }
+    cell = dict(status="ok", suite="default", target="fp32", mode="greedy", gamma=3, n_prompts=2)
+    recs = [
+        {**cell, "kind": "target_only", "gamma": 0, "tokens_per_s": 10.0},
+        {**cell, "kind": "speculative", "draft": "fp32", "tokens_per_s": 5.0, "speedup": 0.5},
+        {**cell, "kind": "speculative", "draft": "self:int8", "tokens_per_s": 6.0, "speedup": 0.6},
+        {
+            **cell,
+            "kind": "hf_assisted",
+            "draft": "fp32",
+            "tokens_per_s": 4.0,
+            "speedup": 0.4,
+            "drafted": 40,
+            "accepted": 26,
+            "acceptance_rate": 0.65,
+            "acceptance_rate_ci95": [0.50, 0.78],
+            "alpha_measured": 0.7,
+            "alpha_measured_ci95": [0.55, 0.82],
+        },
+    ]
+    save(tmp_path, recs, meta)
+    html = write_report(tmp_path).read_text()
+    matrix = section(html, "matrix")
+    assert "<th>smollm2-135m-instruct fp32</th>" in matrix and "<th>self:int8</th>" in matrix
+    assert "HF acc. rate 0.65 (95% CI 0.50–0.78, n = 40 drafted)" in matrix
+    verdict = section(html, "verdict")
+    assert "fp32 + smollm2-135m-instruct fp32 γ=3 greedy" in verdict
+    assert "fp32 + self:int8 γ=3 greedy" in verdict and "fp32 + fp32 γ=3" not in html

@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from qspec.engine.draft_length import DRAFT_LENGTHS
-from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, self_precision
+from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, PRECISION_NAMES, self_precision
 from qspec.records import (
     GENERATION_KINDS,
     GenerationRecord,
@@ -60,10 +60,13 @@ def prompt_times(c: GenerationRecord) -> dict[str, tuple[int, float, str]]:
     return out
 
 
-def draft_name(draft: str | None, skip: list[int] | None) -> str:
-    """A draft as shown: a layer-skip draft with the layers it leaves out."""
+def draft_name(draft: str | None, skip: list[int] | None, model: str | None = None) -> str:
+    """A draft as shown: a layer-skip draft with the layers it leaves out, and a precision of
+    another model (model, when the draft is not the target's) with that model's name."""
     if draft is None:
         return "—"
+    if model and draft in PRECISION_NAMES:
+        return f"{model} {draft}"
     if skip:
         shown = ", ".join(str(i) for i in skip[:12]) + (", …" if len(skip) > 12 else "")
         return f"{draft} (skips layers {shown})"
@@ -121,6 +124,9 @@ class Run:
 
         tcfg, dcfg = self._model_config("target"), self._model_config("draft")
         self.target_ref, self.draft_ref = tcfg.get("ref"), dcfg.get("ref")
+        # a draft model other than the target: its precisions are shown with its name
+        other = self.draft_ref and self.target_ref and self.draft_ref != self.target_ref
+        self.draft_model = Path(str(self.draft_ref)).name if other else None
         self.suites = order(
             [r.suite for r in cells + self.quality + self.tasks],
             self.info.suites or self.config.get("suites"),
@@ -191,7 +197,7 @@ class Run:
         if c.kind == Kind.TARGET_ONLY:
             s = f"{c.target} alone, {c.mode}"
         else:
-            s = f"{c.target} + {draft_name(c.draft, c.draft_skip)} γ={c.gamma} {c.mode}"
+            s = f"{c.target} + {self.draft_name(c.draft, c.draft_skip)} γ={c.gamma} {c.mode}"
             if c.draft_length != "fixed":
                 s += f" ({c.draft_length} draft length)"
             if c.kind == Kind.HF_ASSISTED:
@@ -200,6 +206,9 @@ class Run:
         if suite if suite is not None else self.multi_suite():
             s = f"[{c.suite}] {s}"
         return s
+
+    def draft_name(self, draft: str | None, skip: list[int] | None = None) -> str:
+        return draft_name(draft, skip, self.draft_model)
 
     def base_of(self, c: GenerationRecord) -> GenerationRecord | None:
         """The target-only cell a cell's speed is compared with: same suite, target and mode."""

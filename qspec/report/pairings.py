@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from qspec.records import Kind
-from qspec.report.analysis import Run, draft_name
+from qspec.report.analysis import Run
 from qspec.report.budget import FAIL, VariantQuality, variant_quality
 from qspec.report.format import interval, text
 
@@ -115,10 +115,10 @@ def _by_speed(p: Pairing) -> tuple:
     return (-(p.tokens_per_s if p.tokens_per_s is not None else -1e18), p.label)
 
 
-def _label(target, draft, skip, gamma: int, mode: str, length: str) -> str:
+def _label(run: Run, target, draft, skip, gamma: int, mode: str, length: str) -> str:
     if draft is None:
         return f"{target} alone, {mode}"
-    label = f"{target} + {draft_name(draft, skip)} γ={gamma} {mode}"
+    label = f"{target} + {run.draft_name(draft, skip)} γ={gamma} {mode}"
     return label if length == "fixed" else f"{label} ({length} draft length)"
 
 
@@ -154,7 +154,7 @@ def _pairing(
         draft=draft,
         gamma=gamma,
         mode=mode,
-        label=_label(target, draft, skip, gamma, mode, length),
+        label=_label(run, target, draft, skip, gamma, mode, length),
         speedup=speedup,
         tokens_per_s=tps,
         weights=run.weights_total(cs[0]),

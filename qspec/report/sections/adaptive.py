@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from qspec.engine.draft_length import DRAFT_LENGTHS
 from qspec.records import GenerationRecord
-from qspec.report.analysis import Run, draft_name
+from qspec.report.analysis import Run
 from qspec.report.format import text
 
 
@@ -26,7 +26,7 @@ def build(run: Run) -> list[dict]:
         out.append(
             {
                 "label": (f"[{suite}] " if run.multi_suite() else "")
-                + f"{target} + {draft_name(draft, next(iter(by.values())).draft_skip)}",
+                + f"{target} + {run.draft_name(draft, next(iter(by.values())).draft_skip)}",
                 "suite": suite,
                 "gamma": gamma,
                 "mode": mode,

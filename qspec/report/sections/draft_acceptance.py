@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from qspec.records import GenerationRecord
 from qspec.report import plots
-from qspec.report.analysis import Run, draft_name, pos
+from qspec.report.analysis import Run, pos
 from qspec.report.sections import adaptive, alpha, sweep
 
 MAX_GAMMA_COLUMNS = 64  # a nonsense gamma must not blow up the tables
@@ -30,12 +30,12 @@ def build(run: Run) -> dict:
     }
 
 
-def _row(c: GenerationRecord, g: int) -> dict:
+def _row(run: Run, c: GenerationRecord, g: int) -> dict:
     """One pairing's per-position acceptance (g positions) and histogram (0..g accepted)."""
     pa, pt, hist = c.position_acceptance, c.position_tested, c.accepted_histogram
     pu = c.position_acceptance_unconditional
     total = sum(hist)
-    label = f"{c.target} + {draft_name(c.draft, c.draft_skip)}"
+    label = f"{c.target} + {run.draft_name(c.draft, c.draft_skip)}"
     if c.draft_length != "fixed":
         label += f" ({c.draft_length} draft length)"
     return {
@@ -62,7 +62,7 @@ def _row(c: GenerationRecord, g: int) -> dict:
 
 def _group(run: Run, suite: str, mode: str, gamma: int, cs: list[GenerationRecord]) -> dict:
     g = max(0, min(gamma, MAX_GAMMA_COLUMNS))
-    rows = [_row(c, g) for c in cs]
+    rows = [_row(run, c, g) for c in cs]
     figure = None
     if rows and g > 0:
         figure = plots.try_figure(

@@ -7,7 +7,7 @@ import math
 
 from qspec.records import GenerationRecord, Kind
 from qspec.report import plots
-from qspec.report.analysis import Run, draft_name, pos
+from qspec.report.analysis import Run, pos
 from qspec.report.format import fmt, interval, text
 
 Grid = dict[tuple[str, str], GenerationRecord]
@@ -70,7 +70,7 @@ def _group(run: Run, suite: str, mode: str, gamma: int) -> dict | None:
         "suite": suite,
         "mode": mode,
         "gamma": gamma,
-        "cols": [draft_name(d, skips.get(d)) for d in cols],
+        "cols": [run.draft_name(d, skips.get(d)) for d in cols],
         "rows": table,
         "figure": figure,
         "caption": run.caption(list(spec.values())),
