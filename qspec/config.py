@@ -235,7 +235,7 @@ class RunConfig(Strict):
     compile: bool | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     baselines: list[Literal["target_only", "hf_assisted"]] = ["target_only", "hf_assisted"]
-    # transformers' assisted generation is a timing peer; greedy alone keeps CPU runs short
+    # transformers' assisted generation is a timing and acceptance peer; greedy alone keeps CPU runs short
     hf_assisted_modes: list[Literal["greedy", "sample"]] = ["greedy"]
     hf_assisted_targets: Literal["reference", "all"] = "reference"
     price_per_device_hour: float | None = Field(
