@@ -208,6 +208,18 @@ def test_a_run_with_a_draft_of_another_tokenizer(
     # the target's own int8 copy agrees with it mostly, counted by transformers' loop as by qspec's
     own_peer = next(r for r in recs if r["kind"] == "hf_assisted" and r["draft"] == "self:int8")
     assert own_peer["alpha_measured"] > 0.5
+    # sampled, the peer's acceptance is checked against what its own p and q allow: transformers'
+    # same-tokenizer speculative sampling is exact (on Gemma + SmolLM2, its cross-tokenizer one
+    # is not: README); greedy peers accept by argmax and carry no such check
+    for r in recs:
+        if r["kind"] == "hf_assisted" and r["draft"] != "ngram":
+            assert (r["peer_alpha_exact"] is not None) == (r["mode"] == "sample")
+    own_sampled = next(
+        r
+        for r in recs
+        if r["kind"] == "hf_assisted" and r["draft"] == "self:int8" and r["mode"] == "sample"
+    )
+    assert abs(own_sampled["peer_exact_z"]) < 3.29
     # quality across families: bits per byte of the same corpus text, each in its own tokens
     quality = {r["variant"]: r for r in recs if r["kind"] == "quality"}
     target_q, draft_q = quality["fp32"], quality["draft:fp32"]

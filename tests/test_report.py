@@ -699,7 +699,16 @@ def test_a_draft_of_another_model_is_named_and_its_peer_acceptance_shown(tmp_pat
             "alpha_measured_ci95": [0.55, 0.82],
         },
     ]
+    sampled = {**recs[-1], "mode": "sample", "alpha_measured": 0.88}
+    recs += [{**sampled, "peer_alpha_exact": 0.011, "peer_exact_z": 53.0}]
+    recs += [{**cell, "kind": "target_only", "mode": "sample", "gamma": 0, "tokens_per_s": 9.0}]
     save(tmp_path, recs, meta)
+    html = write_report(tmp_path).read_text()
+    assert "sampling was not exact for: fp32 + smollm2-135m-instruct fp32 γ=3 sample (HF" in html
+    assert "α 0.88 measured, 0.01 allowed" in html
+    save(tmp_path, [r for r in recs if r.get("peer_exact_z") != 53.0], meta)
+    assert "was not exact" not in write_report(tmp_path).read_text()
+    save(tmp_path, recs[:4], meta)
     html = write_report(tmp_path).read_text()
     matrix = section(html, "matrix")
     assert "<th>smollm2-135m-instruct fp32</th>" in matrix and "<th>self:int8</th>" in matrix

@@ -17,6 +17,9 @@ class Counted:
 
     steps: list[Step] = field(default_factory=list)
     draft_model_tokens: int = 0
+    # sampled: at each tested draft position, sum_x min(p(x), q(x)) of the very p and q the
+    # acceptance test used, which is that position's acceptance probability if the test is exact
+    overlaps: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -91,30 +91,33 @@ def hf_assisted(
             assist.update(tokenizer=tokenizers[0], assistant_tokenizer=tokenizers[1])
     if counted is None:
         return hf_generate(target, prompt, **assist, **run)
-    with _counting(target, draft_model, counted):
+    with _counting(target, draft_model, counted, sampled=not run["sampler"].greedy):
         return hf_generate(target, prompt, **assist, **run)
 
 
 @contextmanager
-def _counting(target, draft_model, counted: Counted):
+def _counting(target, draft_model, counted: Counted, sampled: bool):
     """Count each assisted step on this call's candidate generator, and the draft model's own
-    decoded tokens. The wrappers cost a shape read and an append per step (of a forward's ms)."""
+    decoded tokens. The wrappers cost a shape read and an append per step; a sampled step also
+    takes sum_x min(p, q) at its tested drafts (two softmaxes over them, against a forward)."""
     build = target._get_candidate_generator
 
     def candidate_generator(*args, **kwargs):
         gen = build(*args, **kwargs)
         get, update = gen.get_candidates, gen.update_candidate_strategy
-        proposed = [0]
+        proposed, q_logits = [0], [None]
 
         def get_candidates(input_ids, **kw):
             out = get(input_ids, **kw)
-            proposed[0] = out[0].shape[1] - input_ids.shape[1]
+            proposed[0], q_logits[0] = out[0].shape[1] - input_ids.shape[1], out[1]
             return out
 
         def update_candidate_strategy(input_ids, scores, num_matches):
             n = int(num_matches)  # after transformers cut the step at an EOS or the length
             nan = float("nan")  # the peer's draft and verify times are not separable
             counted.steps.append(Step(proposed[0], n, n + 1, nan, nan))
+            if sampled and q_logits[0] is not None and proposed[0]:  # p, q as its test saw them
+                counted.overlaps += _overlaps(scores, q_logits[0], min(n + 1, proposed[0]))
             return update(input_ids, scores, num_matches)
 
         gen.get_candidates = get_candidates
@@ -139,6 +142,14 @@ def _counting(target, draft_model, counted: Counted):
         del target._get_candidate_generator
         if draft_model is not None:
             del draft_model.generate
+
+
+def _overlaps(p_logits: torch.Tensor, q_logits: torch.Tensor, tested: int) -> list[float]:
+    """sum_x min(p, q) at the first `tested` draft positions (a shorter vocabulary padded)."""
+    p = p_logits[0, :tested].float().softmax(-1)
+    q = q_logits[0, :tested].to(p.device).float().softmax(-1)
+    width = min(p.shape[-1], q.shape[-1])
+    return torch.minimum(p[:, :width], q[:, :width]).sum(-1).tolist()
 
 
 def prepare(ctx, cell, target, drafter, prompts) -> Prepared:

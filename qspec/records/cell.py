@@ -139,6 +139,11 @@ class GenerationRecord(Record):
     qspec_over_hf: float | None = None
     qspec_over_hf_ci95: list[float] | None = None
     qspec_over_hf_pairs: int | None = None
+    # sampled peer: the alpha its own p and q allow (mean sum_x min(p, q) over tested drafts),
+    # and z = (accepted - that expectation) / its SD; |z| > 3.29 (p < 0.001) says its test was
+    # not exact rejection sampling
+    peer_alpha_exact: float | None = None
+    peer_exact_z: float | None = None
     qspec_over_hf_decode: float | None = None
     qspec_over_hf_decode_ci95: list[float] | None = None
     qspec_over_hf_decode_pairs: int | None = None

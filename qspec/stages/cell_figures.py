@@ -149,6 +149,11 @@ def _peer_figures(r, measured: Acceptance) -> dict:
         "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else None,
     }
+    overlaps = [o for t in _first_pass(r) if t.counted is not None for o in t.counted.overlaps]
+    if overlaps:
+        var = sum(o * (1 - o) for o in overlaps)
+        f["peer_alpha_exact"] = sum(overlaps) / len(overlaps)
+        f["peer_exact_z"] = (measured.accepted - sum(overlaps)) / var**0.5 if var > 0 else None
     if measured.steps:
         per_prompt = [Acceptance.of(t.steps, r.cell.gamma) for t in _first_pass(r)]
         f.update(measured.fields())

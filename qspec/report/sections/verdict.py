@@ -14,8 +14,10 @@ from __future__ import annotations
 from qspec.records import Kind
 from qspec.report.analysis import Run
 from qspec.report.budget import PASS, PPL_TEST, TASK_TEST
-from qspec.report.format import fmt_bytes, text
+from qspec.report.format import fmt, fmt_bytes, num, text
 from qspec.report.pairings import Pairing, pairings, ranking
+
+EXACT_Z = 3.29  # two-sided p < 0.001: a peer's acceptance this far from what its p, q allow
 
 SMALL_MODEL_BYTES = 2 * 1024**3
 
@@ -38,6 +40,11 @@ def build(run: Run) -> dict:
         ],
         "hf_not_lossless": [
             run.label(c) for c in run.ok if c.kind == Kind.HF_ASSISTED and c.lossless is False
+        ],
+        "hf_not_exact": [
+            f"{run.label(c)}: α {fmt(c.alpha_measured)} measured, {fmt(c.peer_alpha_exact)} allowed"
+            for c in run.ok
+            if c.kind == Kind.HF_ASSISTED and abs(num(c.peer_exact_z) or 0) > EXACT_Z
         ],
         "n_failed": sum(1 for c in run.cells if not c.ok),
         "caption": run.caption(run.spec),
