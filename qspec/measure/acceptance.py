@@ -118,5 +118,18 @@ class Acceptance:
         }
 
 
+def exactness(accepted: int, overlaps: list[float]) -> dict:
+    """A peer's acceptance against what exact rejection sampling gives on its own p and q:
+    each tested draft is accepted with probability sum_x min(p, q) (its overlap), so accepted
+    has that sum as its mean and sum o(1 - o) as its variance."""
+    if not overlaps:
+        return {}
+    var = sum(o * (1 - o) for o in overlaps)
+    return {
+        "peer_alpha_exact": sum(overlaps) / len(overlaps),
+        "peer_exact_z": (accepted - sum(overlaps)) / var**0.5 if var > 0 else None,
+    }
+
+
 def _ci(successes: int, n: int) -> list[float] | None:
     return list(wilson(successes, n)) if n else None

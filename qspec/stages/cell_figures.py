@@ -14,7 +14,7 @@ import logging
 import torch
 
 from qspec.engine.draft_length import DraftLength
-from qspec.measure.acceptance import Acceptance
+from qspec.measure.acceptance import Acceptance, exactness
 from qspec.measure.cost_model import CostModel, mean_step_s, oracle_fields
 from qspec.measure.latency import Latency
 from qspec.measure.memory import cell_measure, process_peak
@@ -150,10 +150,7 @@ def _peer_figures(r, measured: Acceptance) -> dict:
         "tokens_per_s": tokens / seconds if seconds else None,
     }
     overlaps = [o for t in _first_pass(r) if t.counted is not None for o in t.counted.overlaps]
-    if overlaps:
-        var = sum(o * (1 - o) for o in overlaps)
-        f["peer_alpha_exact"] = sum(overlaps) / len(overlaps)
-        f["peer_exact_z"] = (measured.accepted - sum(overlaps)) / var**0.5 if var > 0 else None
+    f.update(exactness(measured.accepted, overlaps))
     if measured.steps:
         per_prompt = [Acceptance.of(t.steps, r.cell.gamma) for t in _first_pass(r)]
         f.update(measured.fields())
