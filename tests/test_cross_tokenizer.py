@@ -112,6 +112,94 @@ def test_a_broken_acceptance_rule_fails_for_the_cross_tokenizer_pair(pair):
     assert chi_square_p(counts, exact_pair_distribution(target, SAMPLER)) < P_MIN
 
 
+# a SentencePiece-style draft with byte fallback: "<0x61>" and "a" spell the same byte, as do
+# "<0x62>" and "b"; its decoder is a Sequence(Replace U+2581, ByteFallback, Fuse)
+FALLBACK_VOCAB = {"<0x61>": 0, "a": 1, "b": 2, "<0x62>": 3, "c": 4, "d": 5, "e": 6, "ab": 7}
+# a plain Metaspace draft, no byte fallback: "\u2581a" is " a" (a leading space), never "a"
+# (its decoder, like Llama's, strips the space of a text's first token: decoding one token
+# alone would say "a")
+METASPACE_VOCAB = {"a": 0, "b": 1, "c": 2, "d": 3, "e": 4, "\u2581a": 5, "\u2581": 6}
+
+
+def fallback_tokenizer():
+    tok = Tokenizer(models.BPE(vocab=FALLBACK_VOCAB, merges=[("a", "b")], byte_fallback=True))
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def metaspace_tokenizer():
+    from tokenizers import pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab=METASPACE_VOCAB, merges=[("\u2581", "a")]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_a_plain_metaspace_decoder_keeps_the_space_of_its_tokens():
+    """Detected from the decoder's type: a Metaspace decoder is not plain text."""
+    sp = token_bytes(metaspace_tokenizer())
+    assert sp[5] == b" a" and sp[0] == b"a" and sp[6] == b" "
+
+
+def test_draft_tokens_of_the_same_bytes_add_up_in_q(pair):
+    """Byte fallback: two draft ids spell "a"; q of the target's "a" is the sum of both."""
+    target, target_tok, *_ = pair
+    draft_tok = fallback_tokenizer()
+    assert token_bytes(draft_tok)[0] == token_bytes(draft_tok)[1] == b"a"
+    vocab = vocab_map(target_tok, draft_tok, len(TARGET_VOCAB), len(FALLBACK_VOCAB))
+    by_draft = dict(zip(vocab.draft_ids.tolist(), vocab.target_ids.tolist(), strict=True))
+    assert by_draft[0] == by_draft[1] == TARGET_VOCAB["a"]
+    draft = tiny_llama(13, vocab=len(FALLBACK_VOCAB), hidden=16, layers=1)
+    drafter = CrossTokenizerDrafter(draft, target_tok, draft_tok, vocab)
+    drafter.prefill(PROMPT, 64)
+    q = drafter.shared_probs(PROMPT.tolist(), SAMPLER)
+    own = SAMPLER.probs(drafter._sync(PROMPT.tolist()))
+    shared = own[vocab.draft_ids]
+    expected_a = float((own[0] + own[1]) / shared.sum())
+    assert q.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert q[TARGET_VOCAB["a"]].item() == pytest.approx(expected_a, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["byte fallback", "metaspace"])
+def test_sampling_is_exact_for_sentencepiece_drafts(pair, kind):
+    """Token-level intersection with a draft whose vocabulary repeats byte strings (byte
+    fallback), and with a plain Metaspace draft: the output is still the target's law."""
+    target, target_tok, *_ = pair
+    # the ids that spell "a" twice: really (byte fallback), or when read wrongly (metaspace)
+    draft_tok, vocab_size, seed, twins = {
+        "byte fallback": (fallback_tokenizer(), len(FALLBACK_VOCAB), 13, [0, 1]),
+        "metaspace": (metaspace_tokenizer(), len(METASPACE_VOCAB), 14, [0, 5]),
+    }[kind]
+    vocab = vocab_map(target_tok, draft_tok, len(TARGET_VOCAB), vocab_size)
+    draft = tiny_llama(seed, vocab=vocab_size, hidden=16, layers=1)
+    with torch.no_grad():  # the draft favours those spellings, so a q that drops one shows
+        draft.lm_head.weight[twins] *= 3.0
+
+    def make():
+        return CrossTokenizerDrafter(draft, target_tok, draft_tok, vocab)
+
+    counts = empirical_pairs(target, make, SAMPLER)
+    assert chi_square_p(counts, exact_pair_distribution(target, SAMPLER)) > P_MIN
+
+
+def test_a_greedy_cross_tokenizer_step_runs_one_draft_forward_per_draft(pair):
+    """budget drafts cost budget forwards: the sync's one, then budget - 1 (the last draft's
+    logits are never needed), and model_tokens counts the tokens decoded."""
+    _, target_tok, draft_tok, vocab, make = pair
+    drafter = make()
+    drafter.prefill(PROMPT, 64)
+    calls = []
+    hook = drafter.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        drafter.propose(PROMPT, 4, sampler_for("greedy"), None, PROMPT.tolist())
+    finally:
+        hook.remove()
+    assert len(calls) == 4 and drafter.model_tokens == 4
+
+
 @pytest.fixture(scope="module")
 def other_tokenizer_model_dir(tmp_path_factory, tiny_model_dir):
     """A tiny Llama with a byte-level BPE of its own (400 tokens), trained here on the suite's

@@ -340,3 +340,39 @@ def test_adaptive_draft_lengths_stay_lossless(target_model, draft_model, length)
     assert [(s.drafted, s.accepted, s.emitted) for s in replayed] == [
         (s.drafted, s.accepted, s.emitted) for s in gen.steps
     ]
+
+
+class ShapeRecorder:
+    """A stand-in for Compiled: the eager step, recording how many tokens each forward feeds."""
+
+    def __init__(self):
+        from qspec.engine.pointer_cache import forward_step
+
+        self.pool, self.widths, self._step = {}, [], forward_step
+
+    @staticmethod
+    def capacity(n: int) -> int:
+        return Compiled.capacity(n)
+
+    def step(self, model, cache, ids, *args, **kwargs):
+        self.widths.append(ids.numel())
+        return self._step(model, cache, ids, *args, **kwargs)
+
+
+@pytest.mark.parametrize("gamma", [0, 1, 3])
+def test_a_compiled_step_feeds_the_last_token_and_gamma_drafts(target_model, gamma):
+    """The compiled verify has one shape, gamma + 1 tokens (the last emitted token and gamma
+    drafts, padded when fewer were drafted), and plain compiled decoding feeds one token."""
+    recorder = ShapeRecorder()
+    drafter = NgramDrafter(max_ngram=2) if gamma else None
+    gen = generate(
+        target_model,
+        PROMPT,
+        drafter=drafter,
+        length=DraftLength(gamma=gamma),
+        max_new_tokens=20,
+        compiled=recorder,
+    )
+    assert gen.tokens == generate(target_model, PROMPT, max_new_tokens=20).tokens
+    assert len(gen.steps) == len(recorder.widths)  # the prefill is never compiled
+    assert set(recorder.widths) == {gamma + 1}

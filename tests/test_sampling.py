@@ -125,3 +125,16 @@ def test_a_broken_acceptance_rule_fails_the_same_test(models):
     sampler = SAMPLERS["temperature"]
     counts = empirical_pairs(target, lambda: ModelDrafter(draft), sampler, accept=broken_accept)
     assert chi_square_p(counts, exact_pair_distribution(target, sampler)) < P_MIN
+
+
+def test_a_draft_the_target_rules_out_is_rejected_even_when_r_is_zero(monkeypatch):
+    """Accept iff r * q(x) < p(x): with p(x) = 0 no draw of r, not even 0, accepts x."""
+    from qspec.engine.accept import accept_sample
+
+    sampler = sampler_for("sample", top_k=1)  # p is one-hot on the largest logit
+    logits = torch.tensor([[4.0, 1.0, 0.0], [0.0, 4.0, 1.0]])
+    draft = torch.tensor([2])  # outside the target's top-1: p(draft) = 0
+    q = torch.tensor([[0.0, 0.0, 1.0]])
+    monkeypatch.setattr(torch, "rand", lambda k, **kw: torch.zeros(k))
+    n, out = accept_sample(logits, draft, q, sampler, None)
+    assert int(n) == 0 and int(out[0]) == 0  # rejected, corrected to the target's own token

@@ -33,6 +33,7 @@ class Timed:
     gen: Generation | None = None  # qspec's engine record (steps, prefill); None for a peer
     memory_rise: int = 0  # bytes above what was resident when it started
     counted: Counted | None = None  # a peer's steps, where it can be counted
+    memory_reset: bool = True  # the high-water mark was restarted before it (memory.py)
 
     @property
     def steps(self) -> list[Step]:

@@ -16,7 +16,6 @@ import torch
 from qspec.backends.interface import Prepared, Timed
 from qspec.engine.draft_length import DraftLength
 from qspec.engine.loop import generate
-from qspec.measure.memory import peak_bytes, reset_peak
 from qspec.suites.encoding import stop_ids
 
 log = logging.getLogger("qspec")
@@ -58,10 +57,10 @@ def prepare(ctx, cell, target, drafter, prompts) -> Prepared:
     def one(i: int, repeat: int) -> Timed:
         p = prompts[i]
         rng = torch.Generator(ctx.device).manual_seed(cfg.seed + i)
-        resident = reset_peak(ctx.device)
+        resident = ctx.memory.reset()
         g = generate(target, p.ids, max_new_tokens=p.max_new_tokens, generator=rng, **run)
-        rise = peak_bytes(ctx.device)[0] - resident
-        return Timed(i, repeat, g.tokens, g.total_s, g, max(rise, 0))
+        rise, own = ctx.memory.rise(resident)
+        return Timed(i, repeat, g.tokens, g.total_s, g, rise, memory_reset=own)
 
     prepared.run = one
     return prepared

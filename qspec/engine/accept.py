@@ -37,7 +37,8 @@ def accept_sample(target_logits, draft_ids, draft_probs, sampler, generator):
     p_d = p[:k].gather(1, draft_ids.view(-1, 1)).squeeze(1)
     q_d = q.gather(1, draft_ids.view(-1, 1)).squeeze(1)
     r = torch.rand(k, device=p.device, generator=generator)
-    n = (r * q_d <= p_d).int().cumprod(0).sum()
+    # strict: r = 0 must not accept a draft the target gives probability 0
+    n = (r * q_d < p_d).int().cumprod(0).sum()
     # Row n of max(0, p - q); row k (every draft accepted) is p itself, the bonus token.
     residual = (p - torch.cat([q, q.new_zeros(1, vocab)])).clamp_min(0)
     row = residual.index_select(0, n.view(1))[0]

@@ -23,14 +23,17 @@ class Compiled:
     """The compiled one-forward step of one model, and its pooled caches per slot."""
 
     def __init__(self, model: torch.nn.Module):
-        torch._dynamo.config.recompile_limit = max(
-            torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
-        )
         cuda = next(model.parameters()).device.type == "cuda"
-        self.step = torch.compile(
+        self._step = torch.compile(
             forward_step, mode="reduce-overhead" if cuda else "default", dynamic=False
         )
         self.pool: dict[str, object] = {}  # slot ("target", "draft") -> its StaticKV
+
+    def step(self, *args, **kwargs) -> torch.Tensor:
+        """The compiled forward, under this object's recompile limit (dynamo's setting is
+        process-wide: patched for these calls only, never left changed)."""
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return self._step(*args, **kwargs)
 
     @staticmethod
     def capacity(n: int) -> int:

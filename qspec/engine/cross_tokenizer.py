@@ -11,7 +11,9 @@ they are (acceptance is counted in target tokens).
 - Sampling: token-level intersection (Timor et al., ICML 2025, arXiv 2502.05202): the draft's
   distribution is restricted to the tokens whose byte strings both vocabularies hold and
   renormalised; a draw is one target token with the same bytes, and q is a proper distribution
-  over the target's vocabulary, so rejection sampling stays exact.
+  over the target's vocabulary, so rejection sampling stays exact. Several draft tokens can
+  spell the same bytes (SentencePiece byte fallback: `<0x41>` beside `A`), so q of a target
+  token is the SUM of their probabilities.
 
 Before each step the draft's context is the target's text re-tokenized with the draft's
 tokenizer; the draft's cache keeps the longest prefix it shares with what it already holds.
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qspec.engine.drafters import FirstDrafts, one_hot_drafts
 from qspec.engine.kv import KV, DynamicKV, StaticKV, new_kv
 from qspec.engine.sampling import Sampler
 
@@ -41,12 +44,27 @@ def _gpt2_byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(keep, chars, strict=True)}
 
 
+def _decoder_types(spec) -> list[dict]:
+    """Every decoder in a tokenizer.json decoder spec, a Sequence's members included."""
+    if not isinstance(spec, dict):
+        return []
+    return [spec, *(d for member in spec.get("decoders") or [] for d in _decoder_types(member))]
+
+
 def _decoder_kind(tokenizer) -> str:
+    """How a token's text maps to bytes: GPT-2 byte-level, SentencePiece-style (U+2581 for a
+    space, <0xNN> byte fallback), or plain text, read from the decoder's types."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.dumps(json.loads(backend.to_str()).get("decoder")) if backend else ""
-    if "ByteLevel" in spec:
+    spec = json.loads(backend.to_str()).get("decoder") if backend else None
+    decoders = _decoder_types(spec)
+    types = {d.get("type") for d in decoders}
+    if "ByteLevel" in types:
         return "bytelevel"
-    if "\u2581" in spec or "ByteFallback" in spec:
+    replaces_space = any(
+        d.get("type") == "Replace" and (d.get("pattern") or {}).get("String") == "\u2581"
+        for d in decoders
+    )
+    if "Metaspace" in types or "ByteFallback" in types or replaces_space:
         return "metaspace"
     return "plain"
 
@@ -166,7 +184,6 @@ class CrossTokenizerDrafter:
 
     def _step(self, draft_id: int) -> torch.Tensor:
         self.ctx.append(draft_id)
-        self.model_tokens += 1
         return self.kv.forward(torch.tensor([draft_id], device=self.device))[-1]
 
     def propose(self, tokens, budget, sampler: Sampler, generator, history, stop_below=None):
@@ -176,12 +193,17 @@ class CrossTokenizerDrafter:
         return self._propose_shared(logits, budget, sampler, generator, stop_below)
 
     def _propose_text(self, logits, budget: int, history: list[int]) -> torch.Tensor:
-        """Greedy: decode `budget` draft tokens, then re-tokenize their text for the target."""
+        """Greedy: decode `budget` draft tokens (budget - 1 forwards after the sync's: the last
+        token's logits are never needed), then re-tokenize their text for the target."""
         start = len(self.ctx)
-        for _ in range(budget):
-            logits = self._step(int(logits.argmax(-1)))
+        decoded = []
+        for i in range(budget):
+            decoded.append(int(logits.argmax(-1)))
+            if i + 1 < budget:
+                logits = self._step(decoded[-1])
+        self.model_tokens += len(decoded)
         before = self.draft_tok.decode(self.ctx[:start], skip_special_tokens=True)
-        after = self.draft_tok.decode(self.ctx, skip_special_tokens=True)
+        after = self.draft_tok.decode(self.ctx[:start] + decoded, skip_special_tokens=True)
         new = after[len(before) :] if after.startswith(before) else ""
         new = new.rstrip("\ufffd")  # a character cut mid-way: its bytes are not there yet
         ids = self.target_tok(new, add_special_tokens=False)["input_ids"][:budget] if new else []
@@ -201,9 +223,10 @@ class CrossTokenizerDrafter:
             shared = shared / mass
             j = torch.multinomial(shared, 1, generator=generator)
             out[i] = t_ids[j]
-            probs[i, t_ids] = shared
+            probs[i].index_add_(0, t_ids, shared)  # draft tokens of the same bytes add up
+            self.model_tokens += 1
             n = i + 1
-            if stop_below is not None and float(shared[j]) < stop_below:
+            if stop_below is not None and float(probs[i, out[i]]) < stop_below:
                 n = i
                 break
             if i + 1 < budget:
@@ -218,8 +241,25 @@ class CrossTokenizerDrafter:
         q = torch.zeros(self.vocab.target_vocab, device=self.device)
         mass = shared.sum()
         if mass > 0:
-            q[t_ids] = shared / mass
+            q.index_add_(0, t_ids, shared / mass)  # draft tokens of the same bytes add up
         return q
 
     def rollback(self, n_tokens: int) -> None:
         pass  # the next propose re-tokenizes the target's text and keeps the common prefix
+
+    @torch.inference_mode()
+    def first_draft_q(self, ids, start, sampler: Sampler, vocab: int) -> FirstDrafts:
+        """At each position the draft reads the target's text re-tokenized, as in the engine.
+        Greedy: the first target token of its string-level proposal (one-hot); sampled: its
+        distribution restricted to the shared tokens (token-level intersection)."""
+        host = ids.tolist()
+        self.prefill(ids[:start], 2 * ids.numel())
+        if sampler.greedy:
+            first = []
+            for pos in range(start, ids.numel()):
+                proposal, _ = self.propose(ids[:pos], 1, sampler, None, host[:pos])
+                first.append(int(proposal[0]) if proposal.numel() else None)
+            return one_hot_drafts(first, vocab, ids.device)
+        rows = [self.shared_probs(host[:pos], sampler) for pos in range(start, ids.numel())]
+        q = torch.stack(rows).to(ids.device) if rows else torch.zeros(0, vocab)
+        return FirstDrafts(q, torch.ones(q.shape[0], dtype=torch.bool, device=q.device))

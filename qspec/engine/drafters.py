@@ -4,6 +4,15 @@ The engine drives every drafter through the same three calls (the Drafter protoc
 with the prompt and the target's first token, propose up to a budget of tokens, and roll back
 to the emitted prefix after the target's verdict. A drafter with a model of its own carries it
 and its KV cache as `model` and `kv`; a model-free one (n-gram lookup) has None there.
+
+What a drafter may ask of the target's forward is part of the protocol too: `target_layers`
+names the target's hidden-state layers it reads (an EAGLE head reads three of them); the
+engine then hands it those states for the prompt at prefill, and for the positions the target
+has just verified and kept at each rollback. Every other drafter asks for none: ().
+
+Prediction (measure/prediction.py) asks a drafter one more thing, `first_draft_q`: the
+distribution its first draft would be drawn from at every position of a given text, so that
+acceptance can be predicted from teacher-forced distributions without generating.
 """
 
 from __future__ import annotations
@@ -25,9 +34,13 @@ class Drafter(Protocol):
     name: str
     model: torch.nn.Module | None  # None: a model-free drafter
     kv: KV | None  # the draft model's cache, once prefilled
+    target_layers: tuple[int, ...]  # the target's hidden-state layers it reads; () for none
 
-    def prefill(self, tokens: torch.Tensor, capacity: int) -> None:
-        """Take the prompt and the target's first token, before the first step."""
+    def prefill(
+        self, tokens: torch.Tensor, capacity: int, target_states: torch.Tensor | None = None
+    ) -> None:
+        """Take the prompt and the target's first token, before the first step (and, for a
+        drafter that reads them, the target's states at every prompt position)."""
 
     def propose(
         self,
@@ -41,8 +54,53 @@ class Drafter(Protocol):
         """Up to `budget` drafts after `tokens` (on the device; `history` is the same on the
         host); with stop_below, stop at the first draft whose probability falls below it."""
 
-    def rollback(self, n_tokens: int) -> None:
-        """Forget everything past the first n_tokens tokens."""
+    def rollback(self, n_tokens: int, target_states: torch.Tensor | None = None) -> None:
+        """Forget everything past the first n_tokens tokens (a drafter that reads the target's
+        states gets those of the positions the step verified and kept)."""
+
+    def first_draft_q(
+        self, ids: torch.Tensor, start: int, sampler: Sampler, vocab: int
+    ) -> FirstDrafts:
+        """q of the first draft at each position of ids[start:] (reading the ids before it),
+        over a target vocabulary of `vocab` tokens."""
+
+
+@dataclass(frozen=True)
+class FirstDrafts:
+    """What a drafter's first draft would be drawn from at each position of a text: rows of
+    probabilities over the target's vocabulary (one-hot for a deterministic proposal), and
+    where it proposes at all (n-gram lookup finds no match at some positions)."""
+
+    q: torch.Tensor  # (positions, V)
+    proposes: torch.Tensor  # (positions,) bool
+
+
+def one_hot_drafts(proposals: list[int | None], vocab: int, device) -> FirstDrafts:
+    """FirstDrafts of a deterministic drafter: one-hot rows where it proposed a token."""
+    q = torch.zeros(len(proposals), vocab, device=device)
+    has = torch.tensor([t is not None for t in proposals], dtype=torch.bool, device=device)
+    for i, t in enumerate(proposals):
+        if t is not None:
+            q[i, t] = 1.0
+    return FirstDrafts(q, has)
+
+
+def fit_vocab(q: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Rows over a draft's vocabulary laid over the target's `vocab` ids (the same tokenizer,
+    logits padded to another width): columns past either width carry no probability."""
+    if q.shape[-1] == vocab:
+        return q
+    out = q.new_zeros(q.shape[0], vocab)
+    width = min(vocab, q.shape[-1])
+    out[:, :width] = q[:, :width]
+    return out
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Logits predicting ids[start:], from one forward pass over ids[:-1]."""
+    logits = model(input_ids=ids[:-1].view(1, -1), use_cache=False).logits[0]
+    return logits[start - 1 :]
 
 
 @dataclass
@@ -53,8 +111,9 @@ class ModelDrafter:
     name: str = "model"
     compiled: Compiled | None = None  # the caller's compile decision for this model
     kv: KV | None = None
+    target_layers: tuple[int, ...] = ()
 
-    def prefill(self, tokens: torch.Tensor, capacity: int) -> None:
+    def prefill(self, tokens: torch.Tensor, capacity: int, target_states=None) -> None:
         """Allocates the cache and runs the prefix (prompt + the target's first token) through
         the draft in one forward, timed apart from the steps; its last logits give the first
         draft token, so the first step costs no more draft forwards than any other."""
@@ -89,8 +148,14 @@ class ModelDrafter:
         probs = self.probs[i] if not sampler.greedy else logits.float().softmax(-1)
         return float(probs[self.ids[i]])
 
-    def rollback(self, n_tokens: int) -> None:
+    def rollback(self, n_tokens: int, target_states=None) -> None:
         self.kv.rollback(n_tokens)
+
+    def first_draft_q(self, ids, start, sampler: Sampler, vocab: int) -> FirstDrafts:
+        logits = teacher_forced_logits(self.model, ids, start)
+        q = logits.float().softmax(-1) if sampler.greedy else sampler.probs(logits)
+        q = fit_vocab(q, vocab)
+        return FirstDrafts(q, torch.ones(q.shape[0], dtype=torch.bool, device=q.device))
 
 
 @dataclass
@@ -105,8 +170,9 @@ class NgramDrafter:
     name: str = "ngram"
     model: None = None
     kv: None = None
+    target_layers: tuple[int, ...] = ()
 
-    def prefill(self, tokens: torch.Tensor, capacity: int = 0) -> None:
+    def prefill(self, tokens: torch.Tensor, capacity: int = 0, target_states=None) -> None:
         pass
 
     def propose(self, tokens, budget, sampler, generator, history, stop_below=None):
@@ -119,8 +185,17 @@ class NgramDrafter:
                     return torch.tensor(follow, dtype=tokens.dtype, device=tokens.device), None
         return tokens.new_empty(0), None
 
-    def rollback(self, n_tokens: int) -> None:
+    def rollback(self, n_tokens: int, target_states=None) -> None:
         pass
+
+    def first_draft_q(self, ids, start, sampler, vocab: int) -> FirstDrafts:
+        """One-hot at the first token of the lookup's proposal at each position."""
+        host = ids.tolist()
+        first = []
+        for pos in range(start, ids.numel()):
+            proposal, _ = self.propose(ids[:pos], 1, sampler, None, host[:pos])
+            first.append(int(proposal[0]) if proposal.numel() else None)
+        return one_hot_drafts(first, vocab, ids.device)
 
 
 # the config validates drafter names against models/precisions.py (torch-free); a test keeps

@@ -7,8 +7,10 @@ forward of a given length has the same shapes, it can be compiled (CUDA graphs
 included). DynamicKV wraps transformers' DynamicCache for models the static path cannot
 serve (sliding-window or mixed attention, or an attention kernel without masks).
 
-Both expose the same four things: `length`, `forward(ids)`, `rollback(n)`, `nbytes()`. A
-compiled forward (compiled.py) is the caller's choice, passed in; nothing is compiled here.
+Both expose the same things: `length`, `forward(ids)`, `rollback(n)`, `nbytes()`, and
+`forward_states(ids, layers)`, which also returns hidden states of the given layers (for a
+drafter that reads the target's states). A compiled forward (compiled.py) is the caller's
+choice, passed in; nothing is compiled here.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
-from qspec.engine.pointer_cache import PointerCache, forward_step
+from qspec.engine.pointer_cache import PointerCache, forward_step, hidden_states
 
 if TYPE_CHECKING:
     from qspec.engine.compiled import Compiled
@@ -73,17 +75,23 @@ class StaticKV:
 
     def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Feed 1-D ids after what the cache holds; returns logits (len(ids) or 1, V)."""
+        return self.forward_states(ids, (), last_only)[0]
+
+    def forward_states(
+        self, ids: torch.Tensor, layers: tuple[int, ...], last_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """forward, and the hidden states of `layers` at every fed position (None: none)."""
         start, n = self.cache.length, ids.numel()
         if start + n > self.capacity:
             raise RuntimeError(f"static KV cache overflow: {start} + {n} > {self.capacity}")
         pos = self.positions[start : start + n]
         self.cache.write_at = pos
         if last_only:  # prefill: lengths vary, so never compiled
-            logits = forward_step(self.model, self.cache, ids, pos, self.positions, keep=1)
+            out = forward_step(self.model, self.cache, ids, pos, self.positions, 1, layers)
         else:
-            logits = self.step(self.model, self.cache, ids, pos, self.positions)
+            out = self.step(self.model, self.cache, ids, pos, self.positions, 0, layers)
         self.cache.length = start + n
-        return logits
+        return out
 
     def rollback(self, n_tokens: int) -> None:
         """Forget everything after the first n_tokens positions (no-op if it holds fewer)."""
@@ -107,13 +115,19 @@ class DynamicKV:
         return self.cache.get_seq_length()
 
     def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        return self.forward_states(ids, (), last_only)[0]
+
+    def forward_states(
+        self, ids: torch.Tensor, layers: tuple[int, ...], last_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.model(
             input_ids=ids.view(1, -1),
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1 if last_only else 0,
+            output_hidden_states=bool(layers),
         )
-        return out.logits[0]
+        return out.logits[0], hidden_states(out, layers)
 
     def rollback(self, n_tokens: int) -> None:
         extra = self.cache.get_seq_length() - n_tokens

@@ -61,7 +61,9 @@ class Sequence:
     history: list[int]  # the same tokens on the host, for drafters that work on lists
     kv: KV
     drafter: Drafter | None
-    verify_width: int | None  # compiled static verify: always this many tokens (one shape)
+    # compiled static verify: always this many drafts' room (one shape: the last emitted token
+    # + verify_width ids, drafts first, padding after)
+    verify_width: int | None
     started: float  # perf_counter() when the prefill began
 
 
@@ -79,13 +81,15 @@ def prefill(target, prompt, drafter, capacity: int, compiled, sampler, generator
     kv = new_kv(target, capacity, compiled)
     ids = torch.zeros(capacity, dtype=prompt.dtype, device=device)  # zeros: valid padding ids
     ids[:n_prompt] = prompt
-    first = sampler.pick(kv.forward(prompt, last_only=True)[-1], generator)
+    layers = drafter.target_layers if drafter is not None else ()
+    logits, states = kv.forward_states(prompt, layers, last_only=True)
+    first = sampler.pick(logits[-1], generator)
     ids[n_prompt] = first
     first = int(first)  # the prefill's one host synchronisation
     prefill_s = time.perf_counter() - start
     gen = Generation(n_prompt, [first], prefill_s=prefill_s, ttft_s=prefill_s, kv_path=kv.path)
     if drafter is not None:  # timed apart, so it inflates neither TTFT nor the first step's draft
-        drafter.prefill(ids[: n_prompt + 1], capacity)
+        drafter.prefill(ids[: n_prompt + 1], capacity, states)
         sync(device)
         gen.draft_prefill_s = time.perf_counter() - start - prefill_s
     fixed = width if compiled is not None and kv.path == "static" else None
@@ -111,7 +115,9 @@ def speculative_step(seq: Sequence, budget: int, stop_below, sampler, generator,
     sync(device)
     t1 = time.perf_counter()
     width = seq.verify_width if seq.verify_width is not None else k
-    logits = seq.kv.forward(seq.ids[start - 1 : start + width])[: k + 1]
+    layers = seq.drafter.target_layers if seq.drafter is not None else ()
+    logits, states = seq.kv.forward_states(seq.ids[start - 1 : start + width], layers)
+    logits = logits[: k + 1]
     n_dev, out = accept(logits, draft_ids, draft_probs, sampler, generator)
     host = torch.cat([n_dev.view(1), out[: k + 1]]).tolist()  # the step's one sync
     n, emitted = host[0], host[1 : host[0] + 2]
@@ -119,8 +125,8 @@ def speculative_step(seq: Sequence, budget: int, stop_below, sampler, generator,
     seq.kv.rollback(start + n)  # prefix + the last token + the accepted drafts
     seq.length += n + 1
     seq.history.extend(emitted)
-    if seq.drafter is not None:
-        seq.drafter.rollback(seq.length - 1)
+    if seq.drafter is not None:  # the target's states of the kept positions, for a head
+        seq.drafter.rollback(seq.length - 1, states[: n + 1] if states is not None else None)
     sync(device)
     return k, n, emitted, t1 - t0, time.perf_counter() - t1
 
@@ -163,7 +169,7 @@ def generate(
         length = PLAIN
     capacity = max(capacity, prompt.numel() + max_new_tokens + length.widest + 1)
     seq, gen = prefill(
-        target, prompt, drafter, capacity, compiled, sampler, generator, length.widest + 1
+        target, prompt, drafter, capacity, compiled, sampler, generator, length.widest
     )
     stop, budget = gen.tokens[0] in eos_ids, length.gamma
     while not stop and len(gen.tokens) < max_new_tokens:

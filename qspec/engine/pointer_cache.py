@@ -34,8 +34,14 @@ class PointerCache(Cache):
         super().__init__(layers=[_PointerLayer(self, capacity) for _ in range(n_layers)])
 
 
-def forward_step(model, cache: PointerCache, ids, pos, kv_index, keep: int = 0) -> torch.Tensor:
-    """One forward of ids at positions pos; a causal mask over the whole static cache."""
+def forward_step(
+    model, cache: PointerCache, ids, pos, kv_index, keep: int = 0, layers: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward of ids at positions pos; a causal mask over the whole static cache.
+
+    Returns (logits, states): states are the hidden states of `layers` at every fed position,
+    concatenated (len(ids), len(layers) * hidden), for a drafter that reads them (an EAGLE
+    head); None when no layer is asked for."""
     mask = (kv_index <= pos.view(-1, 1)).view(1, 1, pos.numel(), kv_index.numel())
     out = model(
         input_ids=ids.view(1, -1),
@@ -44,5 +50,14 @@ def forward_step(model, cache: PointerCache, ids, pos, kv_index, keep: int = 0) 
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=keep,
+        output_hidden_states=bool(layers),
     )
-    return out.logits[0]
+    return out.logits[0], hidden_states(out, layers)
+
+
+def hidden_states(out, layers: tuple[int, ...]) -> torch.Tensor | None:
+    """transformers' hidden_states[i] is the residual stream after i decoder layers (what
+    vLLM's EAGLE-3 auxiliary layer id i reads), for every i below the last (normed) one."""
+    if not layers:
+        return None
+    return torch.cat([out.hidden_states[i][0] for i in layers], dim=-1)

@@ -1,5 +1,5 @@
 """What a speculative cell's measured step costs predict: the speedup tau / (gamma c + v)
-(DESIGN.md), and the oracle bound had every step drafted exactly what it accepted."""
+(docs/definitions.md), and the oracle bound had every step drafted exactly what it accepted."""
 
 from __future__ import annotations
 
@@ -13,27 +13,30 @@ def mean_step_s(steps) -> float | None:
 
 @dataclass(frozen=True)
 class CostModel:
-    """c = draft step / target step and v = verify of gamma+1 tokens / target step, both
-    measured over every timed step of the cell against its baseline's decode step."""
+    """c = draft time per drafted token / target step and v = verify of a step's drafts /
+    target step, both measured over the cell's timed steps that drafted, against its
+    baseline's decode step. A step that drafted nothing costs one target step."""
 
     c: float
     v: float
-    gamma: int
 
     @classmethod
-    def of(cls, steps, base_step_s: float | None, gamma: int) -> CostModel | None:
-        if not base_step_s or not steps:
+    def of(cls, steps, base_step_s: float | None) -> CostModel | None:
+        drafting = [s for s in steps if s.drafted]
+        if not base_step_s or not drafting:
             return None
-        drafted = sum(s.drafted for s in steps)
-        c = sum(s.draft_s for s in steps) / max(drafted, 1) / base_step_s
-        v = sum(s.verify_s for s in steps) / len(steps) / base_step_s
-        return cls(c, v, gamma)
+        c = sum(s.draft_s for s in drafting) / sum(s.drafted for s in drafting) / base_step_s
+        v = sum(s.verify_s for s in drafting) / len(drafting) / base_step_s
+        return cls(c, v)
 
-    def fields(self, tau_predicted: float) -> dict:
+    def fields(self, tau: float, drafted_per_step: float, drafting_share: float) -> dict:
+        """tau / (drafted per step * c + v per drafting step + 1 per step without drafts):
+        with gamma drafts every step, the definitions page's tau / (gamma c + v)."""
+        cost = drafted_per_step * self.c + drafting_share * self.v + (1 - drafting_share)
         return {
             "draft_cost_ratio": self.c,
             "verify_cost_ratio": self.v,
-            "speedup_predicted": tau_predicted / (self.gamma * self.c + self.v),
+            "speedup_predicted": tau / cost if cost > 0 else None,
         }
 
 

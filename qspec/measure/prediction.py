@@ -1,7 +1,7 @@
 """Predicted acceptance from teacher-forced distributions (no generation needed).
 
 beta at a position = sum_x min(p(x), q(x)) under sampling, [argmax p == argmax q] under
-greedy; alpha_predicted is the mean of beta over positions (DESIGN.md). For greedy cells
+greedy; alpha_predicted is the mean of beta over positions (docs/definitions.md). For greedy cells
 a replay of the drafter over the emitted text gives the steps exactly (replay_greedy).
 """
 
@@ -11,12 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
-from qspec.engine.cross_tokenizer import CrossTokenizerDrafter
 from qspec.engine.draft_length import DraftLength
+from qspec.engine.drafters import teacher_forced_logits
+from qspec.engine.kv import new_kv
 from qspec.engine.loop import Step
 from qspec.engine.sampling import GREEDY, Sampler
 from qspec.measure.acceptance import Acceptance, expected_acceptance_rate, expected_tau
+from qspec.measure.cost_model import CostModel
 from qspec.measure.stats import mean_se
+from qspec.measure.step_odds import DraftOdds, Expected
+from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES
 
 AGREEMENT = 0.05  # predicted and measured alpha agree within max(this, 2 standard errors)
 
@@ -31,110 +35,98 @@ def overlap(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.minimum(p, q).sum(-1)
 
 
-def beta(p_logits: torch.Tensor, q_logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
-    """Per-position acceptance probability for rows of target and draft logits."""
-    if sampler.greedy:
-        return agreement(p_logits.argmax(-1), q_logits.argmax(-1))
-    return overlap(sampler.probs(p_logits), sampler.probs(q_logits))
-
-
-def beta_deterministic(
-    p_logits: torch.Tensor, proposals: torch.Tensor, sampler: Sampler
-) -> torch.Tensor:
-    """Same, for a drafter that proposes one token with certainty (q is one-hot)."""
-    if sampler.greedy:
-        return agreement(p_logits.argmax(-1), proposals)
-    return sampler.probs(p_logits).gather(-1, proposals.view(-1, 1)).squeeze(-1)
-
-
-@torch.inference_mode()
-def teacher_forced_logits(model, ids: torch.Tensor, start: int) -> torch.Tensor:
-    """Logits predicting ids[start:], from one forward pass over ids[:-1]."""
-    logits = model(input_ids=ids[:-1].view(1, -1), use_cache=False).logits[0]
-    return logits[start - 1 :]
-
-
 @torch.inference_mode()
 def on_policy_beta(
     target, drafter, ids: torch.Tensor, start: int, sampler: Sampler
 ) -> torch.Tensor:
-    """Per-position beta over ids[start:], the continuation the generation visits."""
+    """Per-position beta over ids[start:], the continuation the generation visits, at the
+    positions where the drafter proposes (it says what its first draft is drawn from)."""
+    return on_policy_betas(target, drafter, ids, start, sampler)[0]
+
+
+@torch.inference_mode()
+def on_policy_betas(
+    target, drafter, ids: torch.Tensor, start: int, sampler: Sampler
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """beta at each proposing position, and, under sampling, the acceptance probability of the
+    same drafter's drafts had they been its argmax instead of a draw, p(argmax q): vLLM's
+    "greedy" draft sampling, whose acceptance is that and not sum min(p, q)."""
     p = teacher_forced_logits(target, ids, start)
-    if isinstance(drafter, CrossTokenizerDrafter):  # a draft with a tokenizer of its own
-        return _cross_tokenizer_beta(p, drafter, ids, start, sampler)
-    if drafter.model is not None:
-        q = teacher_forced_logits(drafter.model, ids, start)
-        return beta(p, q.to(p.device), sampler)
-    # A model-free drafter: ask it for its first proposal at each position; skip where it has none.
-    betas = []
-    host = ids.tolist()
-    for pos in range(start, ids.numel()):
-        proposal, _ = drafter.propose(ids[:pos], 1, sampler, None, host[:pos])
-        if proposal.numel():
-            betas.append(
-                beta_deterministic(p[pos - start : pos - start + 1], proposal[:1], sampler)
-            )
-    return torch.cat(betas) if betas else torch.empty(0)
-
-
-def _cross_tokenizer_beta(p, drafter, ids: torch.Tensor, start: int, sampler: Sampler):
-    """At each position the draft reads the target's text re-tokenized, as in the engine.
-    Greedy: the first target token of its string-level proposal; sampled: the overlap of p with
-    its distribution restricted to the shared tokens (token-level intersection)."""
-    host = ids.tolist()
-    drafter.prefill(ids[:start], 2 * ids.numel())
-    betas = []
-    for pos in range(start, ids.numel()):
-        row = p[pos - start : pos - start + 1]
-        if sampler.greedy:
-            proposal, _ = drafter.propose(ids[:pos], 1, sampler, None, host[:pos])
-            if proposal.numel():
-                betas.append(beta_deterministic(row, proposal[:1], sampler))
-        else:
-            q = drafter.shared_probs(host[:pos], sampler).to(row.device)
-            betas.append(overlap(sampler.probs(row), q.view(1, -1)))
-    return torch.cat(betas) if betas else torch.empty(0)
+    first = drafter.first_draft_q(ids, start, sampler, p.shape[-1])
+    q, mask = first.q.to(p.device), first.proposes.to(p.device)
+    if sampler.greedy:
+        return agreement(p.argmax(-1), q.argmax(-1))[mask], None
+    probs = sampler.probs(p)
+    greedy_draft = probs.gather(-1, q.argmax(-1, keepdim=True)).squeeze(-1)
+    return overlap(probs, q)[mask], greedy_draft[mask]
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """alpha predicted on the text a cell visited, what it implies, and how it compares with
-    the measured alpha."""
+    """Acceptance predicted on the text a cell visited, what it implies, and how it compares
+    with the measured acceptance.
 
-    alpha: float
+    Fixed-gamma model drafts: alpha is the mean of beta over positions and tau and the
+    acceptance rate follow from it by Leviathan's formulas (method "iid"). Drafts whose steps
+    vary (n-gram lookup, confidence stopping, the heuristic schedule): the run is walked step by
+    step (`steps`: greedy, the drafter replayed exactly; sampled, the expected steps from
+    per-draft odds, step_odds.py), so that steps without drafts, a match continued across a step
+    and budgets other than gamma count as they do in the engine (method "per step").
+    """
+
+    alpha: float | None  # None: the walk never tested a draft (a lookup that never matched)
     se: float | None
     positions: int
     mode: str
     length: DraftLength
+    steps: Expected | None = None
 
     @classmethod
-    def of(cls, betas: list[float], mode: str, length: DraftLength) -> Prediction | None:
+    def of(cls, betas, mode: str, length: DraftLength, steps: Expected | None = None):
+        if steps is not None and steps.steps:
+            alpha = steps.accepted / steps.tested if steps.tested else None
+            return cls(alpha, None, len(betas), mode, length, steps)
         alpha, se = mean_se(betas)
         return None if alpha is None else cls(alpha, se, len(betas), mode, length)
 
     def fields(self, measured: Acceptance) -> dict:
+        on = f"on policy: each prompt + this cell's own {self.mode} output"
         f = {
             "alpha_predicted": self.alpha,
             "alpha_predicted_se": self.se,
             "alpha_predicted_positions": self.positions,
-            "alpha_predicted_on": (
-                f"on policy: each prompt + this cell's own {self.mode} output "
-                "(the prefill's token excluded)"
-            ),
+            "alpha_predicted_on": f"{on} (the prefill's token excluded)",
         }
-        if self.length.kind == "fixed":  # Leviathan's expectations hold for a fixed gamma
-            f["tau_predicted"] = expected_tau(self.alpha, self.length.gamma)
-            f["acceptance_rate_predicted"] = expected_acceptance_rate(self.alpha, self.length.gamma)
+        if self.steps is not None:
+            f.update(self.steps.fields())
+            greedy = "the drafter replayed over the output, exactly"
+            sampled = "expected steps from per-draft odds"
+            f["prediction_method"] = "per step: " + (greedy if self.mode == "greedy" else sampled)
+        elif self.length.kind == "fixed":  # Leviathan's expectations hold for a fixed gamma
+            gamma = self.length.gamma
+            f["tau_predicted"] = expected_tau(self.alpha, gamma)
+            f["acceptance_rate_predicted"] = expected_acceptance_rate(self.alpha, gamma)
+            f["position_acceptance_predicted"] = [self.alpha] * gamma
+            f["prediction_method"] = "iid: Leviathan's formulas from the mean of beta"
         a, n = measured.alpha, measured.tested
-        if a is not None and n:
+        if a is not None and n and self.alpha is not None:
             f["alpha_gap"] = a - self.alpha
-            # Confidence stopping tests only the drafts the draft was sure of, so its measured
-            # alpha is conditional on that choice and the every-position prediction is not its
-            # estimate (measured on the default model: 0.92 vs 0.83 predicted): no verdict.
-            if self.length.kind != "confidence":
+            # Confidence stopping tests only the drafts the draft was sure of; predicted per
+            # position it has no such selection, so there is no verdict without the per-step walk
+            if self.length.kind != "confidence" or self.steps is not None:
                 tolerance = max(AGREEMENT, 2 * (a * (1 - a) / n) ** 0.5)
                 f["alpha_agrees"] = abs(a - self.alpha) <= tolerance
         return f
+
+    def cost_fields(self, cost: CostModel) -> dict:
+        """The predicted speedup from the measured costs and the predicted steps."""
+        if self.steps is not None and self.steps.steps:
+            e = self.steps
+            return cost.fields(e.tokens / e.steps, e.drafted / e.steps, e.drafting_steps / e.steps)
+        if self.length.kind == "fixed" and self.alpha is not None:
+            gamma = self.length.gamma
+            return cost.fields(expected_tau(self.alpha, gamma), float(gamma), 1.0)
+        return {}
 
 
 @dataclass(frozen=True)
@@ -202,3 +194,83 @@ def replay_greedy(
         done += e
         drafter.rollback(n_prompt + done - 1)
     return steps
+
+
+# ----------------------------------------------------------------------------- per-step odds
+
+
+def iid_odds(betas: list[float], n_tokens: int, width: int) -> DraftOdds:
+    """A model draft under sampling, its drafts taken as independent: draft i of a step at t
+    is accepted with the on-policy beta of the position it drafts for, t + i (betas[j] is that
+    of emitted token j + 1: the prefill's token is never drafted)."""
+    beta = [0.0, *betas]
+    accept = [
+        [beta[t + i] if t + i < len(beta) else 0.0 for i in range(width)] for t in range(n_tokens)
+    ]
+    return DraftOdds(accept, [[0.0] * width for _ in range(n_tokens)])
+
+
+@torch.inference_mode()
+def confidence_odds(
+    target, drafter, ids: torch.Tensor, start: int, sampler: Sampler, width: int, threshold: float
+) -> DraftOdds:
+    """A model draft under sampling with confidence stopping: at a position, drafting goes on
+    with the probability that the drawn token has q(x) >= threshold, and that draft is
+    accepted with sum over those x of min(p, q)."""
+    p = teacher_forced_logits(target, ids, start)
+    q = drafter.first_draft_q(ids, start, sampler, p.shape[-1]).q.to(p.device)
+    sure = q >= threshold
+    keep = (q * sure).sum(-1).tolist()
+    accepted = (torch.minimum(sampler.probs(p), q) * sure).sum(-1).tolist()
+    n = len(keep) + 1
+    accept = [[0.0] * width] + [
+        [accepted[t - 1 + i] if t - 1 + i < len(keep) else 0.0 for i in range(width)]
+        for t in range(1, n)
+    ]
+    stop = [[1.0] * width] + [
+        [1.0 - keep[t - 1 + i] if t - 1 + i < len(keep) else 1.0 for i in range(width)]
+        for t in range(1, n)
+    ]
+    return DraftOdds(accept, stop)
+
+
+@torch.inference_mode()
+def lookup_odds(
+    target, drafter, ids: torch.Tensor, start: int, sampler: Sampler, width: int
+) -> DraftOdds:
+    """A model-free drafter (n-gram lookup) under sampling: at each position, the proposal the
+    engine's step would make there (a match continued, not a fresh lookup per draft), each
+    draft accepted with p(x_i | text, x_<i) from one verify forward of the target per position,
+    through the engine's own cache; no draft past the proposal's end."""
+    host = ids.tolist()
+    kv = new_kv(target, ids.numel() + width + 2)
+    kv.forward(ids[: start - 1], last_only=True)
+    accept, stop = [[]], [[1.0]]  # the prefill's token is never drafted
+    for pos in range(start, ids.numel()):
+        proposal, _ = drafter.propose(ids[:pos], width, sampler, None, host[:pos])
+        feed = torch.cat([ids[pos - 1 : pos], proposal.to(ids.dtype)])
+        logits = kv.forward(feed)
+        kv.rollback(pos)
+        k = proposal.numel()
+        probs = sampler.probs(logits[:k]).gather(1, proposal.view(-1, 1)).squeeze(1)
+        accept.append(probs.tolist())
+        stop.append([0.0] * k + [1.0])
+    return DraftOdds(accept, stop)
+
+
+def sampled_odds(target, drafter, ids, start, sampler, length: DraftLength, betas) -> DraftOdds:
+    """The per-draft odds of a sampled cell's drafter over one generation's text."""
+    n_tokens = ids.numel() - start + 1
+    if drafter.model is None:
+        return lookup_odds(target, drafter, ids, start, sampler, length.widest)
+    if length.kind == "confidence":
+        return confidence_odds(
+            target, drafter, ids, start, sampler, length.widest, length.threshold
+        )
+    return iid_odds(betas, n_tokens, length.widest)
+
+
+def steps_vary(drafter_name: str, length: DraftLength) -> bool:
+    """Whether a cell's steps draft other than gamma tokens each, independently: then tau and
+    alpha are predicted per step (step_odds.py), not from Leviathan's fixed-gamma formulas."""
+    return length.kind != "fixed" or drafter_name in MODEL_FREE_DRAFTER_NAMES
