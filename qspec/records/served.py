@@ -6,18 +6,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from qspec.records.base import Kind, Mode, Part, Record
+from qspec.records.base import Kind, Mode, Percentiles, Record
 from qspec.records.cell import Spread
 
-
-class Percentiles(Part):
-    """A latency over every request of a level (seconds), with how many samples stand behind it."""
-
-    p50: float
-    p95: float
-    p99: float
-    mean: float
-    n: int
+__all__ = ["Percentiles", "ServingRecord"]
 
 
 class ServingRecord(Record):
@@ -44,11 +36,21 @@ class ServingRecord(Record):
     repeats: int | None = None
     max_new_tokens: int | None = None
     failed_requests: int | None = None
-    # throughput (means over repeats; each repeat's wall time from first send to last token)
+    # how the servers of one target were started on the device: "together" (all up during the
+    # sweep; on a GPU each started once the one before is up, so that vLLM's memory profile
+    # sees its own allocations only) or "one at a time" (they do not fit the GPU together:
+    # per repeat each server is started, swept and stopped before the next); None: a deployment
+    launch: str | None = None
+    # on a GPU: this server's --gpu-memory-utilization (weights of target and draft + KV cache
+    # of the highest level at max_model_len + a margin, over the device's total memory)
+    gpu_memory_utilization: float | None = None
+    # throughput (geometric means over repeats; each repeat's wall time from first send to last
+    # token)
     output_tokens: int | None = None  # over every repeat
     output_tokens_per_s: float | None = None  # all requests together, geometric mean of repeats
     output_tokens_per_s_ci95: list[float] | None = None  # over repeats, in log space
-    tokens_per_s_per_request: float | None = None  # mean of each request's tokens / e2e
+    # each repeat's mean of its requests' tokens / e2e, geometric mean over repeats
+    tokens_per_s_per_request: float | None = None
     requests_per_s: float | None = None
     goodput_requests_per_s: float | None = None  # within slo_ttft_s and slo_tpot_s
     slo: dict | None = None
@@ -70,15 +72,24 @@ class ServingRecord(Record):
     # per request, from vLLM's per-request spec-decode metrics: p10/p50/p90 across requests
     per_request_acceptance_rate: Spread | None = None
     per_request_acceptance_length: Spread | None = None
-    # against vLLM's target alone at the same level, paired per request (same prompt, same
-    # slot in the schedule, the two servers alternated repeat by repeat)
-    speedup: float | None = None  # geometric mean of per-request tokens/s ratios
+    # against vLLM's target alone at the same level, paired by repeat: this level's pass over
+    # the target alone's pass of the same repeat (the servers alternate within a repeat). The
+    # requests of one pass share batches, so they are not independent samples: n = repeats,
+    # each interval Student's t on the log ratios over repeats (with 2 repeats, t = 12.7)
+    # speedup: geometric mean over repeats of (mean per-request tokens/s) / (the target
+    # alone's), i.e. tokens_per_s_per_request / the target alone's
+    speedup: float | None = None
     speedup_ci95: list[float] | None = None
-    speedup_pairs: int | None = None
-    speedup_decode: float | None = None  # the same on 1/TPOT (prefill excluded)
+    speedup_pairs: int | None = None  # repeats paired (not requests)
+    speedup_decode: float | None = None  # the same on per-request 1/TPOT (prefill excluded)
     speedup_decode_ci95: list[float] | None = None
     speedup_decode_pairs: int | None = None
-    throughput_ratio: float | None = None  # total output tokens/s over the target alone's
+    # geometric mean over repeats of total output tokens/s over the target alone's: the same
+    # mean as output_tokens_per_s, so it equals output_tokens_per_s / the target alone's
+    throughput_ratio: float | None = None
+    throughput_ratio_ci95: list[float] | None = None
+    throughput_ratio_pairs: int | None = None
+    speedup_interval: str | None = None  # n = repeats behind the intervals, and how wide they are
     # greedy: each request's tokens equal to the target alone's of the same prompt and level
     lossless: bool | None = None
     lossless_mismatches: list[str] = []

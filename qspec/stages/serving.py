@@ -3,12 +3,20 @@
 Per suite and served target, one server per pairing (the target alone, each draft) is started
 from vLLM's own venv and kept up while the sweep runs; each repeat runs every concurrency
 level on every server in turn, so that drift of the machine hits the target alone and each
-pairing alike and each speedup is a set of paired per-request ratios (serving_figures.py).
+pairing alike and each speedup is a set of per-repeat ratios (measure/concurrency.py).
 A server that will not start, or dies, fails only its own cells, with its last log lines.
+
+On a CUDA device qspec's own models are released first (the tasks stage builds them again
+when it needs them), and each server gets a --gpu-memory-utilization computed from what it
+needs (ServerSpec.gpu_bytes). Servers that fit 0.9 of the GPU together are all up during the
+sweep, started one after another (vLLM sizes its KV cache from whole-device free memory, and
+another server loading at the same moment would be charged to it); servers that do not fit
+run one at a time (_sweep_one_at_a_time). On a CPU the servers start at once, as before.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -17,23 +25,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from qspec.backends.vllm_api import deployment_pairing, deployment_version
 from qspec.backends.vllm_load import Level, run_level, schedule
 from qspec.backends.vllm_metrics import SpecCounters, read_counters, requests_in_flight
 from qspec.backends.vllm_server import (
     Server,
     ServerError,
     ServerSpec,
-    probe,
     root_cause,
     vllm_python,
 )
 from qspec.config import MAX_GAMMA
+from qspec.keys import key_of_serving
 from qspec.models.builders import saved_folder
 from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, drafter_variant, parse_skip
-from qspec.plan import ServingCell, key_of_serving, serving_plan
+from qspec.plan import ServingCell, serving_plan
 from qspec.records import ServingRecord, Skip
 from qspec.stages.context import RunContext
-from qspec.stages.serving_figures import deployment_pairing, deployment_version, level_records
+from qspec.stages.serving_figures import level_records
 from qspec.suites.encoding import encode_prompts, stop_ids
 
 log = logging.getLogger("qspec")
@@ -41,6 +50,9 @@ log = logging.getLogger("qspec")
 QUANTIZED_AT_LOAD = {"int8": "bitsandbytes", "int8-t0": "bitsandbytes", "nf4": "bitsandbytes"}
 QUANTIZED_AT_LOAD["fp4"] = "bitsandbytes"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+TOGETHER, ONE_AT_A_TIME = "together", "one at a time"
+GPU_SHARE = 0.9  # of the device's memory, at most, for the servers of one target together
+GIB = 1 << 30
 
 
 @dataclass
@@ -58,6 +70,8 @@ class Served:
     stop: list[int] = field(default_factory=list)  # token ids that end a request (read once)
     levels: dict[tuple[str, int], list[Level]] = field(default_factory=dict)
     counters: dict[tuple[str, int], SpecCounters] = field(default_factory=dict)
+    # modes this pairing is not measured in, and why (vLLM's own defect on this device)
+    refused: dict[str, str] = field(default_factory=dict)
 
     def fail(self, status: str, error: str, log_tail: list[str] | None = None) -> None:
         self.status, self.error = status, error
@@ -74,7 +88,7 @@ def serving_stage(ctx: RunContext, progress) -> Iterator[ServingRecord]:
         return
     v = ctx.cfg.vllm
     if v.url is None:
-        found = probe(vllm_python(v.python))
+        found = ctx.vllm_probes.probe(vllm_python(v.python))
         if found.problem:
             for c in todo:
                 yield ServingRecord(
@@ -102,35 +116,41 @@ def _cell_of(rec: ServingRecord, group: list[ServingCell]) -> ServingCell:
 
 
 def _measure_target(ctx: RunContext, suite: str, target: str, group, todo: set, version):
-    """One target's servers, swept together: the target alone (always: every speedup pairs
-    with it) and each pairing with a cell still to measure."""
+    """One target's servers: the target alone (always: every speedup pairs with it) and each
+    pairing with a cell still to measure; up together and alternated level by level, or, on a
+    GPU they do not fit together, one at a time (_plan_launch)."""
     v = ctx.cfg.vllm
     prompts = _prompts(ctx, suite)
     by_draft: dict[str | None, list[ServingCell]] = {}
     for c in group:
         by_draft.setdefault(c.draft, []).append(c)
     served = [
-        Served(d, cs) for d, cs in by_draft.items() if d is None or any(c in todo for c in cs)
+        Served(d, cs, refused=refused_modes(ctx, d))
+        for d, cs in by_draft.items()
+        if d is None or any(c in todo for c in cs)
     ]
+    launch = None
     try:
-        # launched together, then waited for: a server's start is mostly its own imports and
-        # loading, which overlap on two cores (startup_s is each one's time beside the others)
         for s in served:
-            _guarded(_launch, ctx, s, target, prompts)
-        for s in served:
-            _guarded(_ready, ctx, s, prompts)
-        for mode in v.modes:
-            for repeat in range(v.repeats):
-                for level in v.concurrency:
-                    for s in served:
-                        if s.status == "ok":
-                            _sweep(ctx, s, mode, level, repeat, prompts)
+            _guarded(_prepare, ctx, s, target, prompts)
+        launch = _plan_launch(ctx, served)
+        if launch == ONE_AT_A_TIME:
+            _sweep_one_at_a_time(ctx, served, prompts)
+        else:
+            _start_together(ctx, served, prompts)
+            for mode in v.modes:
+                for repeat in range(v.repeats):
+                    for level in v.concurrency:
+                        for s in served:
+                            if s.status == "ok":
+                                _sweep(ctx, s, mode, level, repeat, prompts)
     finally:
         for s in served:
             if s.server is not None:
                 s.server.stop()
     base = served[0] if served[0].draft is None else None
     meta = {"engine_version": version, "hardware": ctx.hardware_label, "reference": ctx.reference}
+    meta["launch"] = launch
     for s in served:
         try:
             yield from level_records(ctx, s, base, prompts, meta)
@@ -154,16 +174,129 @@ def _prompts(ctx: RunContext, suite: str) -> list:
     )
 
 
-def _launch(ctx: RunContext, s: Served, target: str, prompts) -> None:
-    """Start one pairing's server (or point at the configured deployment)."""
+def _prepare(ctx: RunContext, s: Served, target: str, prompts) -> None:
+    """What one pairing's server is to serve (or the configured deployment's stop tokens)."""
     if not prompts:
         raise Skip("unavailable", "no prompts to serve (the suite declares none)")
+    if s.refused and set(ctx.cfg.vllm.modes) <= set(s.refused):  # nothing left to measure
+        raise Skip("unavailable", next(iter(s.refused.values())))
     if ctx.cfg.vllm.url is not None:
         s.server, s.stop = None, _stop(ctx, s)
         return
     s.spec = _server_spec(ctx, target, s.draft, prompts)
     s.stop = _stop(ctx, s)
-    s.server = Server(s.spec, ctx.work_dir / "vllm" / f"{s.spec.name}.log")
+
+
+def _launch(ctx: RunContext, s: Served) -> None:
+    """Start one pairing's server (nothing for a configured deployment)."""
+    if s.spec is not None:
+        s.server = Server(s.spec, ctx.work_dir / "vllm" / f"{s.spec.name}.log")
+
+
+def _start_together(ctx: RunContext, served: list[Served], prompts) -> None:
+    """Every server up for the whole sweep. On a CPU launched at once, then waited for (a
+    server's start is mostly its own imports and loading, which overlap on two cores); on a GPU
+    each is waited for before the next starts: vLLM sizes its KV cache from the device's free
+    memory, and what another server allocates meanwhile would be counted as its own."""
+    if ctx.device.type == "cuda":
+        for s in served:
+            _guarded(_launch, ctx, s)
+            _guarded(_ready, ctx, s, prompts)
+        return
+    for s in served:
+        _guarded(_launch, ctx, s)
+    for s in served:
+        _guarded(_ready, ctx, s, prompts)
+
+
+def _sweep_one_at_a_time(ctx: RunContext, served: list[Served], prompts) -> None:
+    """Servers that do not fit the GPU together: per repeat, each server is started, warmed,
+    swept over every mode and level, and stopped before the next one starts.
+
+    The speedup still pairs repeat i of a pairing with repeat i of the target alone, but the
+    two passes are a server's whole sweep apart (plus a start), not one level apart as when
+    the servers are up together: drift slower than a repeat still cancels, faster drift less.
+    The order reverses every other repeat (target alone, pairings; pairings reversed, target
+    alone; ...), so that a drift linear in time hits both sides alike, and the server last in
+    one repeat stays up as the first of the next (one start saved per repeat)."""
+    v = ctx.cfg.vllm
+    up: Served | None = None
+    for repeat in range(v.repeats):
+        for s in served if repeat % 2 == 0 else served[::-1]:
+            if s.status != "ok":
+                continue
+            if up is not s:
+                if up is not None and up.server is not None:
+                    up.server.stop()  # its memory back before the next one sizes its cache
+                up = s
+                _guarded(_launch, ctx, s)
+                _guarded(_ready, ctx, s, prompts)
+            for mode in v.modes:
+                for level in v.concurrency:
+                    if s.status == "ok":
+                        _sweep(ctx, s, mode, level, repeat, prompts)
+
+
+def _plan_launch(ctx: RunContext, served: list[Served], memory=None) -> str | None:
+    """How this target's servers start: "together" or "one at a time" (None: a deployment).
+    On a CUDA device, qspec's own models are released first and each server gets its
+    --gpu-memory-utilization; `memory` is (free, total) bytes of the device, read from
+    torch.cuda.mem_get_info when None (tests pass it)."""
+    v = ctx.cfg.vllm
+    if v.url is not None:
+        return None
+    if ctx.device.type != "cuda":
+        return TOGETHER  # VLLM_CPU_KVCACHE_SPACE sizes a CPU server's cache, as before
+    _release_models(ctx)
+    if memory is None:
+        import torch
+
+        memory = torch.cuda.mem_get_info(ctx.device)
+    free, total = memory
+    specs = [s.spec for s in served if s.status == "ok" and s.spec is not None]
+    margin = int(v.gpu_margin_gib * GIB)
+    needs = []
+    for spec in specs:
+        try:
+            needs.append(spec.gpu_bytes(max(v.concurrency), margin))
+        except (OSError, ValueError, KeyError, TypeError) as err:  # no readable config.json
+            log.warning("cannot size the GPU memory of %s: %s", spec.name, err)
+            needs.append(None)
+    fractions, launch = gpu_plan(needs, free, total, v.gpu_memory_utilization)
+    for spec, fraction in zip(specs, fractions, strict=True):
+        spec.gpu_memory_utilization = fraction
+    return launch
+
+
+def gpu_plan(
+    needs: list[int | None], free: int, total: int, configured: float | None = None
+) -> tuple[list[float | None], str]:
+    """Each server's --gpu-memory-utilization (its need in bytes over the device's total
+    memory, rounded up to 0.001, at most GPU_SHARE; or the configured fraction) and whether
+    they launch together: when their fractions add up to no more than GPU_SHARE of the device
+    and to no more than what is free (vLLM refuses to start when its share is not free). A
+    need not known (None) leaves vLLM's default share (0.9), which shares with nothing."""
+
+    def fraction(need: int | None) -> float | None:
+        if configured is not None or need is None:
+            return configured
+        return min(GPU_SHARE, -(-need * 1000 // total) / 1000)  # exact integer ceiling
+
+    fractions = [fraction(need) for need in needs]
+    room = min(GPU_SHARE * total, free)
+    known = all(f is not None for f in fractions)
+    together = len(fractions) <= 1 or (known and sum(fractions) * total <= room)
+    return fractions, TOGETHER if together else ONE_AT_A_TIME
+
+
+def _release_models(ctx: RunContext) -> None:
+    """qspec's built models (and their compiled steps) off the GPU before vLLM's servers
+    start; the tasks stage builds what it needs again."""
+    ctx.compiled_models.clear()
+    released = ctx.models.release()
+    gc.collect()
+    if released:
+        log.info("released %d built model(s) from the GPU for the served engine", len(released))
 
 
 def _ready(ctx: RunContext, s: Served, prompts) -> None:
@@ -192,7 +325,7 @@ def _server_spec(ctx: RunContext, target: str, draft: str | None, prompts) -> Se
     v = ctx.cfg.vllm
     draft_variant = drafter_variant(draft) if draft is not None else None
     served = {target, draft_variant[1] if draft_variant else None}
-    no_gptq = probe(vllm_python(v.python)).no_gptq
+    no_gptq = ctx.vllm_probes.probe(vllm_python(v.python)).no_gptq
     if no_gptq and "gptq-int4" in served:  # known before a server is started for nothing
         raise Skip("unavailable", no_gptq)
     folder, dtype, quantization = _served_files(ctx, "target", target)
@@ -289,8 +422,23 @@ def _stop(ctx: RunContext, s: Served) -> list[int]:
     return sorted(stop_ids(ctx.models.tokenizer, SimpleNamespace(generation_config=gen)))
 
 
+def refused_modes(ctx: RunContext, draft: str | None) -> dict[str, str]:
+    """Modes a pairing is not measured in on this vLLM, and why: known defects of its CPU
+    build, probed at the start (vllm_server.VERSION_PROBE), never of a target alone."""
+    if draft is None or ctx.cfg.vllm.url is not None:
+        return {}
+    found = ctx.vllm_probes.probe(vllm_python(ctx.cfg.vllm.python))
+    if found.no_sampled_spec:
+        return {"sample": found.no_sampled_spec}
+    if found.no_top_k_spec and ctx.cfg.sampling.top_k > 0:
+        return {"sample": found.no_top_k_spec}
+    return {}
+
+
 def _sweep(ctx: RunContext, s: Served, mode: str, level: int, repeat: int, prompts) -> None:
     """One level on one server: the counters read around its requests."""
+    if mode in s.refused:
+        return
     v = ctx.cfg.vllm
     cell = next(c for c in s.cells if (c.mode, c.concurrency) == (mode, level))
     url, name, headers = _address(ctx, s)

@@ -1,37 +1,13 @@
 """The serving stage's records: per pairing and level, throughput and latency over every
-repeat, acceptance from the engine's counters, the speedup paired per request against the
+repeat, acceptance from the engine's counters, the speedup paired by repeat against the
 target alone at the same level, and the greedy lossless check."""
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterator
 
-import httpx
-
-from qspec.measure.concurrency import LevelLoad, engine_acceptance
-from qspec.measure.speedup import paired_fields
+from qspec.measure.concurrency import LevelLoad, engine_acceptance, paired_by_repeat
 from qspec.records import ServingRecord
-
-
-def deployment_pairing(url: str, headers: dict | None) -> dict:
-    """What an existing server serves: its first model id from /v1/models."""
-    resp = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
-    resp.raise_for_status()
-    models = resp.json().get("data") or []
-    if not models:
-        raise RuntimeError(f"{url}/v1/models lists no model")
-    return {"model": models[0]["id"]}
-
-
-def deployment_version(url: str, headers: dict | None) -> str | None:
-    """vLLM's /version of an existing server, e.g. "vllm 0.32.0" (None where it has none)."""
-    try:
-        resp = httpx.get(f"{url}/version", headers=headers, timeout=10)
-        resp.raise_for_status()
-        return f"vllm {resp.json()['version']}"
-    except (httpx.HTTPError, ValueError, KeyError):
-        return None
 
 
 def _load(levels) -> LevelLoad:
@@ -51,9 +27,13 @@ def level_records(ctx, s, base, prompts, meta: dict) -> Iterator[ServingRecord]:
             "speculative_config": s.spec.speculative if s.spec else None,
             "n_prompts": len(prompts),
             "repeats": v.repeats,
+            "gpu_memory_utilization": s.spec.gpu_memory_utilization if s.spec else None,
             "max_new_tokens": ctx.cfg.max_new_tokens,
         }
         levels = s.levels.get((c.mode, c.concurrency), [])
+        if c.mode in s.refused:  # vLLM's own defect here: never measured
+            yield ServingRecord(**common, status="unavailable", error=s.refused[c.mode])
+            continue
         if s.status != "ok" or not levels:
             error = s.error or "not measured"
             status = s.status if s.status != "ok" else "failed"
@@ -79,20 +59,11 @@ def level_records(ctx, s, base, prompts, meta: dict) -> Iterator[ServingRecord]:
                 f["same_as_lowest_concurrency"] = not _mismatches(levels[0], first[0], prompts)
         baseline = base.levels.get((c.mode, c.concurrency)) if base is not None else None
         if s is not base and base is not None and base.status == "ok" and baseline:
-            f.update(_against(load, _load(baseline)))
+            f.update(paired_by_repeat(load, _load(baseline)))
             if c.mode == "greedy":
                 bad = _mismatches(levels[0], baseline[0], prompts)
                 f["lossless"], f["lossless_mismatches"] = not bad, bad
         yield ServingRecord(**{**common, **f})
-
-
-def _against(load: LevelLoad, baseline: LevelLoad) -> dict:
-    """The pairing over the target alone: per-request ratios (slot and repeat paired)."""
-    out = paired_fields(load.timings(), baseline.timings(), "speedup")
-    mine, theirs = load.totals_per_s(), baseline.totals_per_s()
-    if mine and theirs:
-        out["throughput_ratio"] = statistics.fmean(mine) / statistics.fmean(theirs)
-    return out
 
 
 def _outputs(level, prompts) -> dict[str, list[int]]:

@@ -1,10 +1,11 @@
 """Served engine: every pairing measured in vLLM per concurrency level. Speedup against vLLM's
-target alone at the same level (paired per request), where each draft stops paying, tokens/s
+target alone at the same level (paired by repeat), where each draft stops paying, tokens/s
 and TPOT per level, acceptance from the engine's counters, and the engines side by side: the
 acceptance vLLM counted against qspec's loop and qspec's prediction for the same pairing."""
 
 from __future__ import annotations
 
+from qspec.measure.concurrency import interval_note
 from qspec.records import GenerationRecord, Kind, ServingRecord
 from qspec.report import plots
 from qspec.report.analysis import Run
@@ -70,8 +71,36 @@ def side_by_side(run: Run, records: list[ServingRecord]) -> list[dict]:
         if q is None:
             q = cells.get((suite, run.reference, draft, gamma, mode))
         same = q is not None and q.target == target
-        rows.append({"r": r, "q": q, "same_target": same, "flag": _disagreement(r, q)})
+        predicted, how = _predicted_for(r, q)
+        rows.append(
+            {
+                "r": r,
+                "q": q,
+                "same_target": same,
+                "flag": _disagreement(r, q),
+                "predicted": predicted,
+                "predicted_how": how,
+            }
+        )
     return rows
+
+
+def _sampler_defect(r: ServingRecord) -> bool:
+    from qspec.backends.vllm_server import BROKEN_SAMPLER
+
+    return bool(r.error) and r.error.startswith(BROKEN_SAMPLER[:60])
+
+
+def _predicted_for(r: ServingRecord, q: GenerationRecord | None) -> tuple[float | None, str]:
+    """qspec's predicted acceptance rate for vLLM's own draft sampling: a sampled draft
+    model that vLLM draws greedily ("draft_sample_method": "greedy") is accepted with
+    p(argmax q), not sum min(p, q)."""
+    if q is None:
+        return None, ""
+    method = (r.speculative_config or {}).get("draft_sample_method")
+    if r.mode == "sample" and method == "greedy":
+        return q.acceptance_rate_predicted_greedy_draft, "p(argmax q): vLLM draws drafts greedily"
+    return q.acceptance_rate_predicted, "as qspec's loop samples"
 
 
 def _disagreement(r: ServingRecord, q: GenerationRecord | None) -> str | None:
@@ -153,10 +182,24 @@ def build(run: Run) -> dict | None:
         ],
         "side_by_side": side_by_side(run, records),
         "failed": [r for r in records if not r.ok],
+        # vLLM's own sampler defect on this device, probed at the start (vllm_server.py)
+        "sampler_defect": next(
+            (r.error for r in records if r.status == "unavailable" and _sampler_defect(r)), None
+        ),
         "engine": first.engine_version or first.engine,
         "hardware": first.hardware or run.hardware_label,
         "n_prompts": first.n_prompts,
         "repeats": first.repeats,
         "max_new_tokens": first.max_new_tokens,
         "server": first.server,
+        # what stands behind every speedup interval: n = repeats, and how wide that leaves it
+        "interval": next(
+            (r.speedup_interval for r in ok if r.speedup_interval),
+            interval_note(first.repeats) if first.repeats else "n = repeats",
+        ),
+        "launch": first.launch,
+        "gpu_shares": [
+            f"{name(r)} {r.gpu_memory_utilization:g}"
+            for r in {name(r): r for r in ok if r.gpu_memory_utilization is not None}.values()
+        ],
     }
