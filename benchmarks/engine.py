@@ -44,10 +44,9 @@ from qspec.measure.roofline import copy_bandwidth, roofline
 from qspec.measure.speedup import PairedRatio
 from qspec.models.builders import BuildContext, build, weight_bytes
 from qspec.models.refs import resolve
-from qspec.plan import spread
 from qspec.runner import calibration_texts
 from qspec.suites.discovery import load_suite
-from qspec.suites.encoding import prompt_ids, stop_ids
+from qspec.suites.encoding import prompt_ids, spread, stop_ids
 
 
 class ForwardTimer:

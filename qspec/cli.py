@@ -13,9 +13,18 @@ from qspec.config import ConfigError, load_config
 
 
 def _evaluate(args) -> int:
+    from qspec.backends.vllm_server import Probes
     from qspec.suites.discovery import load_suite
     from qspec.suites.files import SuiteError
 
+    if args.resume and args.out and args.out.resolve() != args.resume.resolve():
+        print(
+            f"qspec: --out {args.out} and --resume {args.resume} name two folders: a resumed "
+            "run continues in its own folder (give --resume alone)",
+            file=sys.stderr,
+        )
+        return 2
+    probes = Probes()  # vLLM's import, probed in the background while the models build
     try:
         cfg = load_config(args.config)
         overrides = {}
@@ -35,7 +44,7 @@ def _evaluate(args) -> int:
         # validated before any model loads
         suites = [load_suite(name, extra) for name in cfg.suites]
         _check_hub(suites)
-        _check_engines(cfg)
+        _check_engines(cfg, probes)
     except (ConfigError, SuiteError) as err:
         print(f"qspec: {err}", file=sys.stderr)
         return 2
@@ -43,7 +52,9 @@ def _evaluate(args) -> int:
     from qspec.runner import run_evaluation
 
     try:
-        status = run_evaluation(cfg, out, suites, resume=bool(args.resume), quiet=args.quiet)
+        status = run_evaluation(
+            cfg, out, suites, resume=bool(args.resume), quiet=args.quiet, vllm_probes=probes
+        )
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: finished cells are in {out}; continue with --resume {out}",
@@ -59,13 +70,13 @@ def _evaluate(args) -> int:
     return status
 
 
-def _check_engines(cfg) -> None:
+def _check_engines(cfg, probes) -> None:
     """A served engine that cannot run fails now, naming the key and the fix."""
     if "vllm" not in cfg.engines:
         return
     from qspec.backends.vllm_server import preflight
 
-    problem = preflight(cfg.vllm)
+    problem = preflight(cfg.vllm, probes)
     if problem:
         raise ConfigError(
             f'{problem}. To run without the served engine set engines = ["qspec"] in the config.'
@@ -156,7 +167,9 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qspec", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log every library's debug messages too"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="build variants, run every pairing, store results")
     ev.add_argument(
@@ -164,12 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     ev.add_argument("--out", type=Path, help="output directory (default: reports/run-<time>)")
     ev.add_argument(
-        "--resume", type=Path, metavar="DIR", help="continue a run: skip finished cells"
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the run in DIR: skip finished cells (not with a different --out)",
     )
     ev.add_argument("--suite", action="append", help="suite name or folder (repeatable)")
     ev.add_argument("--suites-path", action="append", default=[], help="extra folder of suites")
-    ev.add_argument("--max-prompts", type=int)
-    ev.add_argument("--max-new-tokens", type=int)
+    ev.add_argument(
+        "--max-prompts", type=int, help="prompts per suite (overrides the config's max_prompts)"
+    )
+    ev.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="tokens generated per prompt (overrides the config's max_new_tokens)",
+    )
     ev.add_argument(
         "--executor",
         choices=["local", "ray"],

@@ -28,6 +28,7 @@ PRIOR = {
     # record is charged the group's time, the rest almost none
     "target_only": 38.0,
     "speculative": 5.0,
+    "hf_target_only": 1.0,
     "hf_assisted": 1.0,
     "serving": 29.0,
     "task": 11.0,

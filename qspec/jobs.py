@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qspec.config import RunConfig
-from qspec.plan import Finished, Planned
+from qspec.keys import Finished
+from qspec.plan import Planned
 from qspec.records import Record
 
 

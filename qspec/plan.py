@@ -1,16 +1,16 @@
-"""What a run will measure, before anything is loaded: its cells, their keys, the prompts.
+"""What a run will measure, before anything is loaded: its cells, the variants they need,
+and every record the run will write.
 
 Torch-free, so the report can list the cells a partial run is missing with the runner's
-own plan. A key is a hash of everything that determines a result: a resumed run skips a
-cell whose key is already stored as ok (or unavailable, which a rerun would not change).
+own plan. The keys that identify each record for resume are in keys.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from qspec.config import RunConfig
+from qspec.keys import key_of_cell, key_of_record, key_of_serving, key_of_stage, key_of_variant
 from qspec.models.precisions import (
     MODEL_FREE_DRAFTER_NAMES,
     drafter_variant,
@@ -27,9 +27,7 @@ from qspec.records import (
     TaskRecord,
     VariantRecord,
 )
-from qspec.store import cell_key
 
-DONE = ("ok", "unavailable")
 # transformers' prompt lookup as its documentation runs it (prompt_lookup_num_tokens=10,
 # max_matching_ngram_size left at its default of 2): a peer cell beside the n-gram drafter's
 HF_PROMPT_LOOKUP_TOKENS = 10
@@ -37,7 +35,7 @@ HF_PROMPT_LOOKUP_TOKENS = 10
 
 @dataclass(frozen=True)
 class Cell:
-    kind: Kind  # target_only, speculative or hf_assisted
+    kind: Kind  # target_only, speculative, hf_target_only or hf_assisted
     suite: str
     target: str
     draft: str | None
@@ -80,6 +78,8 @@ def plan(cfg: RunConfig, suite_names: list[str], device: str = "cpu") -> list[Ce
                             )
                 peer = cfg.hf_assisted_targets == "all" or target == reference
                 if "hf_assisted" in cfg.baselines and mode in cfg.hf_assisted_modes and peer:
+                    # transformers' plain generate: the peer's speedups are over its own loop
+                    cells.append(Cell(Kind.HF_TARGET_ONLY, suite, target, None, 0, mode))
                     for draft in cfg.draft.precisions:
                         gammas = [max(cfg.gammas)]
                         if draft in MODEL_FREE_DRAFTER_NAMES:
@@ -148,130 +148,6 @@ def serving_plan(cfg: RunConfig, suite_names: list[str]) -> list[ServingCell]:
         for mode in v.modes
         for level in v.concurrency
     ]
-
-
-def key_of_serving(cell: ServingCell, cfg: RunConfig, device: str, versions: dict) -> str:
-    """A served level depends on its coordinates, the workload and the server's settings."""
-    v = cfg.vllm.model_dump(exclude={"python", "concurrency", "targets", "drafts", "modes"})
-    fields = asdict(cell)
-    if cell.draft in MODEL_FREE_DRAFTER_NAMES:
-        fields["ngram"] = [cfg.draft.ngram_min, cfg.draft.ngram_max]
-    return cell_key(
-        {
-            **fields,
-            "kind": "serving",
-            "target_ref": cfg.target.ref,
-            "draft_ref": cfg.draft.ref,
-            "max_new_tokens": cfg.max_new_tokens,
-            "max_prompts": cfg.max_prompts,
-            "sampling": cfg.sampling.model_dump(),
-            "seed": cfg.seed,
-            "vllm": v,
-            "device": device,
-            "versions": versions,
-        }
-    )
-
-
-def spread(prompts: list, n: int) -> list:
-    """The first n prompts taken round-robin across categories, so small runs cover each one."""
-    by_category: dict[str, list] = {}
-    for p in prompts:
-        by_category.setdefault(p.category, []).append(p)
-    queues = list(by_category.values())
-    picked = []
-    while len(picked) < min(n, len(prompts)):
-        for q in queues:
-            if q and len(picked) < n:
-                picked.append(q.pop(0))
-    return picked
-
-
-def key_of_cell(cell: Cell, cfg: RunConfig, device: str, versions: dict) -> str:
-    """Everything a generation cell's result depends on: its coordinates and how it is measured."""
-    fields = asdict(cell)
-    if cell.draft_length == "fixed":  # keys of fixed-length cells as before adaptive lengths
-        del fields["draft_length"]
-    elif cell.draft_length == "confidence":
-        fields["confidence_threshold"] = cfg.confidence_threshold
-    if cell.draft in MODEL_FREE_DRAFTER_NAMES:
-        fields["ngram"] = [cfg.draft.ngram_min, cfg.draft.ngram_max]
-    return cell_key(
-        {
-            **fields,
-            "kind": str(cell.kind),
-            "target_ref": cfg.target.ref,
-            "draft_ref": cfg.draft.ref,
-            "max_new_tokens": cfg.max_new_tokens,
-            "max_prompts": cfg.max_prompts,
-            "warmup": cfg.warmup,
-            "repeats": cfg.repeats,
-            "compile": cfg.compile,
-            "sampling": cfg.sampling.model_dump(),
-            "seed": cfg.seed,
-            "device": device,
-            "versions": versions,
-        }
-    )
-
-
-def key_of_stage(kind: Kind, cfg: RunConfig, device: str, versions: dict, **coords) -> str:
-    """A stage (quality, tasks, lossless check) depends on the whole model and run setup."""
-    return cell_key(
-        {
-            "kind": str(kind),
-            **coords,
-            "target_ref": cfg.target.ref,
-            "draft_ref": cfg.draft.ref,
-            "target_precisions": cfg.target.precisions,
-            "draft_precisions": cfg.draft.precisions,
-            "sampling": cfg.sampling.model_dump(),
-            "quality": cfg.quality.model_dump(),
-            "tasks": cfg.tasks.model_dump(),
-            "gammas": cfg.gammas,
-            "seed": cfg.seed,
-            "device": device,
-            "versions": versions,
-        }
-    )
-
-
-def key_of_variant(model: str, precision: str, device: str) -> str:
-    return cell_key({"kind": "variant", "ref": model, "precision": precision, "device": device})
-
-
-def key_of_record(stage_key: str, record: Record) -> str:
-    """A unique key for one of the several records a stage writes under its stage key."""
-    ident = {
-        k: getattr(record, k, None)
-        for k in ("kind", "suite", "variant", "target", "draft", "task", "metric")
-    }
-    ident["kind"] = str(ident["kind"])
-    return cell_key({"stage": stage_key, **ident})
-
-
-class Finished:
-    """On resume: which cells and stages a previous attempt already stored as done."""
-
-    def __init__(self, previous: Iterable[Record] = ()):
-        self.by_key: dict[str, Record] = {}
-        self.by_stage: dict[str, list[Record]] = {}
-        for r in previous:
-            self.by_key[r.key] = r
-            if r.stage_key:
-                self.by_stage.setdefault(r.stage_key, []).append(r)
-
-    def cell(self, key: str) -> Record | None:
-        """The stored record of a cell that needs no new measurement, else None."""
-        r = self.by_key.get(key)
-        return r if r is not None and r.status in DONE else None
-
-    def stage(self, key: str) -> bool:
-        """Was this stage (or single-record cell) stored, and every record of it done?"""
-        if self.cell(key) is not None:
-            return True
-        rs = self.by_stage.get(key, [])
-        return bool(rs) and all(r.status in DONE for r in rs)
 
 
 def groups(cells: list[Cell]) -> list[list[Cell]]:

@@ -207,9 +207,9 @@ def work_in_worker(
     import torch
 
     from qspec.environment import quiet_transformers
+    from qspec.models.variants import Models
     from qspec.progress import Progress
     from qspec.stages import STAGES
-    from qspec.stages.variants import Models
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -230,16 +230,15 @@ def work_in_worker(
         concurrency=concurrency,
     )
     if job.stage == "generation":
-        from qspec.measure.memory import peak_bytes, restart_process_peak
         from qspec.stages.generation import build_group_models
 
-        runtime = peak_bytes(dev)[0]  # the Python, torch and library runtime, no model yet
+        runtime = ctx.memory.peak()[0]  # the Python, torch and library runtime, no model yet
         build_group_models(ctx, job.target)
         note = (
             f", from when its models were built (builds excluded; the runtime of "
             f"{runtime / 2**20:.0f} MiB before any model loaded included)"
         )
-        restart_process_peak(dev, note)
+        ctx.memory.restart_process(note)
     for rec in STAGES[job.stage](ctx, Progress(quiet=True)):
         yield rec.dump()
 

@@ -13,17 +13,18 @@ from pathlib import Path
 import torch
 
 from qspec import store
-from qspec.backends.vllm_server import wait_for_probes
+from qspec.backends.vllm_server import Probes
 from qspec.config import RunConfig, resolve_defaults
 from qspec.environment import describe, hardware, pick_device, quiet_transformers, versions
 from qspec.eta import Eta
+from qspec.keys import Finished
 from qspec.measure.roofline import copy_bandwidth
-from qspec.plan import Cell, Finished, planned
+from qspec.models.variants import Models
+from qspec.plan import Cell, planned
 from qspec.progress import Progress
 from qspec.records import Record, RunInfo, parse
 from qspec.stages import STAGES
 from qspec.stages.context import RunContext
-from qspec.stages.variants import Models
 
 
 def run_evaluation(
@@ -34,6 +35,7 @@ def run_evaluation(
     resume: bool = False,
     quiet: bool = False,
     fault: Callable[[Cell], None] | None = None,
+    vllm_probes: Probes | None = None,
 ) -> int:
     """Run every stage; returns 0 when all records are ok or unavailable, 1 when any failed."""
     out.mkdir(parents=True, exist_ok=True)
@@ -69,6 +71,7 @@ def run_evaluation(
             finished=finished,
             bandwidth=info.memory_bandwidth,
             fault=fault,
+            vllm_probes=vllm_probes or Probes(),
         )
         progress = Progress(quiet=quiet, eta=eta)
         for record in _records(ctx, calibration, progress, info, out):
@@ -105,7 +108,7 @@ def _records(ctx: RunContext, calibration, progress, info: RunInfo, out: Path):
     if ctx.cfg.executor == "ray":
         from qspec.ray_executor import run_jobs
 
-        wait_for_probes()  # workers time cells from the start
+        ctx.vllm_probes.wait()  # workers time cells from the start
         yield from run_jobs(ctx, calibration, progress, started)
         # the served engine needs the machine to itself: after every worker is done
         yield from STAGES["serving"](ctx, progress)
@@ -113,7 +116,7 @@ def _records(ctx: RunContext, calibration, progress, info: RunInfo, out: Path):
     started({"kind": "local", "concurrency": "one cell at a time, in one process"})
     for name, stage in STAGES.items():
         if name == "generation":  # timings need the machine: background probes end first
-            wait_for_probes()
+            ctx.vllm_probes.wait()
         yield from stage(ctx, progress)
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from qspec.config import ConfigError, parse_config
 from qspec.jobs import Job, jobs, lost_records
-from qspec.plan import Finished, SuitePlan, key_of_cell, plan, planned
+from qspec.keys import Finished, key_of_cell
+from qspec.plan import SuitePlan, plan, planned
 from qspec.records import GenerationRecord
 
 VERSIONS = {"torch": "2.13.0"}

@@ -11,8 +11,10 @@ import pytest
 from pydantic import ValidationError
 
 from qspec.config import parse_config
-from qspec.plan import Cell, Finished, key_of_cell, key_of_stage, plan, spread
+from qspec.keys import Finished, key_of_cell, key_of_stage
+from qspec.plan import Cell, plan
 from qspec.records import GenerationRecord, Kind, Output, QualityRecord, TaskRecord, parse
+from qspec.suites.encoding import spread
 
 FIXTURE = Path(__file__).parent / "data" / "results-small" / "results.jsonl"
 VERSIONS = {"torch": "2.13.0"}

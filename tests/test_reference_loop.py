@@ -1,6 +1,6 @@
 """An independent check of the speculative engine against a naive reference loop.
 
-The reference is written from the definition of greedy speculative decoding (DESIGN.md):
+The reference is written from the definition of greedy speculative decoding (docs/definitions.md):
 the prefill gives the first token; each step the drafter proposes up to gamma tokens,
 the target scores the last token plus all drafts, the longest prefix of drafts that
 each equal the target's argmax is accepted, and one more token comes from the target.

@@ -45,6 +45,12 @@ def test_evaluate_covers_every_pairing(tmp_path, tiny_model_dir):
         assert 1.0 <= r["tau"] <= r["gamma"] + 1
     fp32_greedy = [r for r in gen if r["target"] == "fp32" and r["mode"] == "greedy"]
     assert fp32_greedy and all(r["lossless"] is True for r in fp32_greedy)
+    # n-gram lookup drafts only where it finds a match: predicted per step, not by Leviathan's
+    # fixed-gamma formula (greedy: its steps replayed exactly, so tau is the measured one)
+    for r in (r for r in gen if r["draft"] == "ngram"):
+        assert r["prediction_method"].startswith("per step")
+        if r["mode"] == "greedy":
+            assert r["tau_predicted"] == pytest.approx(r["tau"])
     quality = {r["variant"]: r for r in recs if r["kind"] == "quality"}
     assert quality["fp32"]["kl_mean"] == 0 and quality["nf4"]["kl_mean"] > 0
     variants = {r["precision"]: r for r in recs if r["kind"] == "variant"}
@@ -60,6 +66,41 @@ def test_evaluate_covers_every_pairing(tmp_path, tiny_model_dir):
         assert r["roofline"]["kind"] == "decode" and r["roofline"]["fraction"] > 0
         assert r["roofline"]["bandwidth_gbps"] == run["memory_bandwidth"]["copy_gbps"]
     assert any(r["roofline"] and r["roofline"]["kind"] == "verify" for r in gen)
+    # transformers' peer is timed against its own plain generate, interleaved with it: its
+    # speedup is the paired per-prompt ratio of the two, and qspec's loop is compared with both
+    for target in ("fp32", "nf4"):
+        for mode in ("greedy", "sample"):
+            group = [r for r in recs if (r.get("target"), r.get("mode")) == (target, mode)]
+            alone = next(r for r in group if r["kind"] == "hf_target_only")
+            qspec_alone = next(r for r in group if r["kind"] == "target_only")
+            assert alone["status"] == "ok" and alone["speedup"] is None
+            assert alone["qspec_over_hf"] == pytest.approx(
+                _paired(qspec_alone["outputs"], alone["outputs"]), rel=1e-6
+            )
+            for peer in (r for r in group if r["kind"] == "hf_assisted"):
+                if peer["draft"] == target:  # the nf4 target drafting for itself: not measured
+                    assert peer["status"] == "unavailable"
+                    continue
+                assert peer["status"] == "ok", peer["error"]
+                ratio = _paired(peer["outputs"], alone["outputs"])
+                assert peer["speedup"] == pytest.approx(ratio, rel=1e-6)
+                assert peer["speedup_pairs"] == len(alone["outputs"])
+                if mode == "greedy":
+                    same = all(
+                        a["tokens"] == b["tokens"]
+                        for a, b in zip(peer["outputs"], alone["outputs"], strict=True)
+                    )
+                    assert peer["lossless"] is same
+
+
+def _paired(mine: list[dict], theirs: list[dict]) -> float:
+    """The geometric mean of per-prompt tokens/s ratios (one repeat: each prompt once)."""
+    import math
+
+    logs = [
+        math.log(a["tokens_per_s"] / b["tokens_per_s"]) for a, b in zip(mine, theirs, strict=True)
+    ]
+    return math.exp(sum(logs) / len(logs))
 
 
 def test_an_unloadable_draft_fails_its_cells_and_the_run_goes_on(tmp_path, tiny_model_dir):
@@ -235,11 +276,10 @@ def test_resume_measures_only_what_is_not_finished(tmp_path, tiny_model_dir):
     assert again[-1]["speedup"] > 0 and again[-1]["lossless"] is True
 
 
-def test_confidence_cells_are_predicted_but_not_judged_against_the_prediction(
-    tmp_path, tiny_model_dir
-):
-    """Confidence stopping tests only the drafts the draft was sure of: its measured alpha is
-    not what the every-position prediction estimates, so no agreement verdict is given."""
+def test_confidence_cells_are_predicted_per_step(tmp_path, tiny_model_dir):
+    """Confidence stopping drafts fewer than gamma where the draft is unsure: greedy, its steps
+    are replayed exactly (the drafter's confidence decides them, as in the engine), so the
+    prediction is per step and its tau and alpha are the measured ones."""
     cfg = write_config(
         tmp_path / "c.toml",
         tiny_model_dir,
@@ -253,5 +293,12 @@ def test_confidence_cells_are_predicted_but_not_judged_against_the_prediction(
     assert main(["evaluate", "--config", cfg, "--out", str(out), "--quiet"]) == 0
     spec = {r["draft_length"]: r for r in records(out) if r["kind"] == "speculative"}
     assert spec["fixed"]["alpha_agrees"] in (True, False)
-    assert spec["confidence"]["alpha_predicted"] is not None
-    assert spec["confidence"]["alpha_agrees"] is None
+    assert spec["fixed"]["prediction_method"].startswith("iid")
+    confident = spec["confidence"]
+    assert confident["prediction_method"].startswith("per step")
+    assert confident["tau_predicted"] == pytest.approx(confident["tau"])
+    if confident["tested"]:
+        assert confident["alpha_predicted"] == pytest.approx(confident["alpha_measured"])
+        assert confident["alpha_agrees"] is True
+    else:  # the draft was never sure enough to draft: nothing tested, predicted or measured
+        assert confident["alpha_predicted"] is None and confident["steps_without_drafts"] > 0

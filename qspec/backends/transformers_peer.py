@@ -1,5 +1,6 @@
 """transformers' generate and assisted generation for the same pair: the peer qspec's loop is
-timed against (hf_assisted cells), with transformers' own prompt lookup as the n-gram peer.
+timed against (hf_assisted cells), with transformers' own prompt lookup as the n-gram peer,
+and transformers' plain generate (hf_target_only), which the peer's own speedups are over.
 
 Its acceptance is counted too, so the peer is an acceptance peer and not only a clock: each
 assisted step's candidates and matches are read where transformers' loop hands them to its
@@ -18,7 +19,6 @@ from qspec.backends.interface import Counted, Prepared, Timed
 from qspec.engine.cross_tokenizer import CrossTokenizerDrafter
 from qspec.engine.loop import Step, sync
 from qspec.engine.sampling import Sampler
-from qspec.measure.memory import peak_bytes, reset_peak
 from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES
 from qspec.records import Skip
 from qspec.suites.encoding import stop_ids
@@ -153,9 +153,11 @@ def _overlaps(p_logits: torch.Tensor, q_logits: torch.Tensor, tested: int) -> li
 
 
 def prepare(ctx, cell, target, drafter, prompts) -> Prepared:
-    """Assisted generation with the cell's draft model (or prompt lookup for an n-gram cell)."""
+    """Assisted generation with the cell's draft model (or prompt lookup for an n-gram cell);
+    plain generate for a cell without a draft (hf_target_only)."""
     draft_model = drafter.model if drafter is not None else None
-    if draft_model is None and cell.draft not in MODEL_FREE_DRAFTER_NAMES:
+    alone = cell.draft is None
+    if draft_model is None and not alone and cell.draft not in MODEL_FREE_DRAFTER_NAMES:
         raise Skip("unavailable", "no draft model")
     tokenizer = ctx.models.tokenizer
     eos = stop_ids(tokenizer, target)
@@ -176,23 +178,27 @@ def prepare(ctx, cell, target, drafter, prompts) -> Prepared:
         eos_ids=eos,
         pad_id=pad,
     )
+    if alone:
+        run = dict(sampler=sampler, eos_ids=eos, pad_id=pad)
+    generate = hf_generate if alone else hf_assisted
     first = prompts[0]
     for _ in range(ctx.cfg.warmup):
-        hf_assisted(target, first.ids, max_new_tokens=min(8, first.max_new_tokens), seed=0, **run)
+        generate(target, first.ids, max_new_tokens=min(8, first.max_new_tokens), seed=0, **run)
 
     def one(i: int, repeat: int) -> Timed:
         p = prompts[i]
-        counted = Counted()
-        resident = reset_peak(ctx.device)
-        toks, secs = hf_assisted(
+        counted = None if alone else Counted()
+        extra = {} if alone else {"counted": counted}
+        resident = ctx.memory.reset()
+        toks, secs = generate(
             target,
             p.ids,
             max_new_tokens=p.max_new_tokens,
             seed=ctx.cfg.seed + i,
-            counted=counted,
+            **extra,
             **run,
         )
-        rise = peak_bytes(ctx.device)[0] - resident
-        return Timed(i, repeat, toks, secs, None, max(rise, 0), counted)
+        rise, own = ctx.memory.rise(resident)
+        return Timed(i, repeat, toks, secs, None, rise, counted, memory_reset=own)
 
     return Prepared(run=one)

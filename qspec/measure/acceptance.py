@@ -1,4 +1,4 @@
-"""Measured acceptance from the engine's steps, and Leviathan's expectations, as DESIGN.md
+"""Measured acceptance from the engine's steps, and Leviathan's expectations, as docs/definitions.md
 defines them."""
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class Acceptance:
         return mean_se(self.emitted)[0]
 
     def fields(self) -> dict:
-        """The record's flat fields (DESIGN.md names)."""
+        """The record's flat fields (docs/definitions.md names)."""
         tau, tau_se = mean_se(self.emitted)
         return {
             "steps": self.steps,

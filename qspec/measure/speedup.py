@@ -1,5 +1,5 @@
 """The one definition of a speedup: the geometric mean of paired per-prompt throughput ratios,
-with its 95% interval (DESIGN.md).
+with its 95% interval (docs/definitions.md).
 
 Each generation of one run is divided by the other run's generation of the same prompt and
 repeat, measured moments apart (the generation stage interleaves them); repeats of a prompt

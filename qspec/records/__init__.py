@@ -1,7 +1,7 @@
 """Every record a run writes to results.jsonl, as typed models: one name per figure.
 
 Writers build these models (an unknown field is an error); readers get them back through
-`parse`, which upgrades records from older layouts first. The field names that DESIGN.md
+`parse`, which upgrades records from older layouts first. The field names that docs/definitions.md
 lists (alpha_measured, acceptance_rate, tau, speedup, lossless, ...) are kept as they are:
 reports and tools outside qspec read them.
 

@@ -26,6 +26,7 @@ class Kind(StrEnum):
     VARIANT = "variant"
     TARGET_ONLY = "target_only"
     SPECULATIVE = "speculative"
+    HF_TARGET_ONLY = "hf_target_only"  # transformers' plain generate: the peer's own baseline
     HF_ASSISTED = "hf_assisted"
     QUALITY = "quality"
     PAIR_SCREEN = "pair_screen"
@@ -34,13 +35,25 @@ class Kind(StrEnum):
     SERVING = "serving"
 
 
-GENERATION_KINDS = (Kind.TARGET_ONLY, Kind.SPECULATIVE, Kind.HF_ASSISTED)
+GENERATION_KINDS = (Kind.TARGET_ONLY, Kind.SPECULATIVE, Kind.HF_TARGET_ONLY, Kind.HF_ASSISTED)
+# the cells transformers runs (the peer), beside qspec's own engine cells
+PEER_KINDS = (Kind.HF_TARGET_ONLY, Kind.HF_ASSISTED)
 
 
 class Part(BaseModel):
     """A nested piece of a record (an output, a roofline): strict like the records."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class Percentiles(Part):
+    """A latency over many samples (seconds), with how many samples stand behind it."""
+
+    p50: float
+    p95: float
+    p99: float
+    mean: float
+    n: int
 
 
 class Record(Part):

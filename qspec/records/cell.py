@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from qspec.records.base import Kind, Mode, Part, Record
+from qspec.records.base import Kind, Mode, Part, Percentiles, Record
 
 
 class Output(Part):
@@ -61,11 +61,12 @@ class GenerationRecord(Record):
     """One generation cell: target-only, speculative through qspec's engine, or transformers' peer.
 
     Engine cells (target_only, speculative) fill the acceptance and latency figures; the
-    transformers peer (hf_assisted) has throughput, memory, outputs and acceptance (its steps
-    counted in target tokens), but no per-step latency.
+    transformers peer (hf_assisted, and its own target alone, hf_target_only: transformers'
+    plain generate) has throughput, memory, outputs and acceptance (its steps counted in target
+    tokens), but no per-step latency.
     """
 
-    kind: Literal[Kind.TARGET_ONLY, Kind.SPECULATIVE, Kind.HF_ASSISTED]
+    kind: Literal[Kind.TARGET_ONLY, Kind.SPECULATIVE, Kind.HF_TARGET_ONLY, Kind.HF_ASSISTED]
     suite: str
     target: str
     draft: str | None = None
@@ -92,9 +93,11 @@ class GenerationRecord(Record):
     tokens_per_s: float | None = None
     ttft_s_mean: float | None = None
     ttft_s_p50: float | None = None
-    token_latency_s_p50: float | None = None
-    token_latency_s_p95: float | None = None
-    token_latency_samples: int | None = None
+    # as vLLM names them, so that the two engines' figures mean the same: inter-token latency,
+    # one gap per step (a step's tokens arrive together, as one streamed chunk does), and time
+    # per output token, one per request: (end-to-end - TTFT) / (tokens - 1)
+    itl_s: Percentiles | None = None
+    tpot_s: Percentiles | None = None
     e2e_s_p50: float | None = None
     decode_tokens_per_s: float | None = None  # after the first token (prefill excluded)
     draft_s: float | None = None  # summed over every timed step of every repeat
@@ -135,7 +138,9 @@ class GenerationRecord(Record):
     # per mismatched prompt: the first divergent position, the target's top-1/top-2 margin
     lossless_divergence: list[Divergence] = []
     target_batch_invariant: bool | None = None
-    # transformers' peer cells: qspec's speculative cell of the same pair / this cell, paired
+    # transformers' peer cells, paired per prompt: qspec's speculative cell of the same pair
+    # over this assisted cell, and qspec's target-only cell over transformers' plain generate
+    # (hf_target_only). A peer's own speedup (`speedup`) is over its own target alone.
     qspec_over_hf: float | None = None
     qspec_over_hf_ci95: list[float] | None = None
     qspec_over_hf_pairs: int | None = None
@@ -144,9 +149,6 @@ class GenerationRecord(Record):
     # not exact rejection sampling
     peer_alpha_exact: float | None = None
     peer_exact_z: float | None = None
-    qspec_over_hf_decode: float | None = None
-    qspec_over_hf_decode_ci95: list[float] | None = None
-    qspec_over_hf_decode_pairs: int | None = None
     # predicted on the text the generation visits
     alpha_predicted: float | None = None
     alpha_predicted_se: float | None = None
@@ -159,12 +161,25 @@ class GenerationRecord(Record):
     replay_exact: bool | None = None  # replayed steps == measured steps
     tau_predicted: float | None = None
     acceptance_rate_predicted: float | None = None
+    # sampled model drafts: p(argmax q), the acceptance had the drafter proposed its argmax
+    # (vLLM's draft_sample_method "greedy"), and the acceptance rate it implies
+    alpha_predicted_greedy_draft: float | None = None
+    acceptance_rate_predicted_greedy_draft: float | None = None
+    # conditional per draft position, as predicted (flat for the iid method)
+    position_acceptance_predicted: list[float | None] = []
+    steps_predicted: float | None = None  # per step: the expected number of steps of the run
+    # "iid" (Leviathan's formulas from alpha) or "per step" (step_odds.py: drafters whose
+    # steps vary, greedy replayed exactly or sampled from per-draft odds)
+    prediction_method: str | None = None
     draft_cost_ratio: float | None = None  # c: draft step / target step
     verify_cost_ratio: float | None = None  # v: verify of gamma+1 tokens / target step
     speedup_predicted: float | None = None
     # memory
     peak_memory_bytes: int | None = None  # the cell's own: see peak_memory_measure
     peak_memory_measure: str | None = None
+    # False: /proc/self/clear_refs refused the reset, so the peak is the process's since it
+    # started (an upper bound of the cell's own rise), and peak_memory_measure says so
+    peak_memory_reset: bool | None = None
     memory_rise_bytes: int | None = None  # the largest rise during one generation
     # executor = "ray": the peak of the worker process that ran this target's group alone,
     # so far (its models, caches and activations, nothing of other groups)

@@ -196,6 +196,8 @@ class Run:
     def label(self, c: GenerationRecord, suite: bool | None = None) -> str:
         if c.kind == Kind.TARGET_ONLY:
             s = f"{c.target} alone, {c.mode}"
+        elif c.kind == Kind.HF_TARGET_ONLY:
+            s = f"{c.target} alone, {c.mode} (transformers generate)"
         else:
             s = f"{c.target} + {self.draft_name(c.draft, c.draft_skip)} γ={c.gamma} {c.mode}"
             if c.draft_length != "fixed":

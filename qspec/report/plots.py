@@ -129,7 +129,7 @@ def pareto(
     panels: list[dict], colour_label: str, vmin: float = 0.0, vmax: float | None = None
 ) -> str:
     """panel: {title, xlabel, points: [{x, y, c, kind, front}]}; front points joined by a step line."""
-    markers = {"target_only": "s", "speculative": "o", "hf_assisted": "^"}
+    markers = {"target_only": "s", "speculative": "o", "hf_assisted": "^", "hf_target_only": "v"}
     with matplotlib.rc_context(RC):
         cols = min(2, len(panels))
         nrows = math.ceil(len(panels) / cols)

@@ -67,7 +67,7 @@ def served_lines(run: Run) -> list[str]:
                 ci = fmt_ci(b.speedup_ci95, style="x")
                 said.append(
                     f"at {rec['concurrency']}: {b.target}+{b.draft} γ={b.gamma} "
-                    f"({fmt_speedup(b.speedup)}, {ci}, n = {b.speedup_pairs})"
+                    f"({fmt_speedup(b.speedup)}, {ci}, n = {b.speedup_pairs} repeats)"
                 )
         out.append(f"Served by vLLM, {mode}, per concurrent requests: {'; '.join(said)}.")
     return out

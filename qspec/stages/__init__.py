@@ -1,4 +1,4 @@
-"""The stages of a run, in the order the data flows (DESIGN.md): each is a function of a
+"""The stages of a run, in the order the data flows (README, Development): each is a function of a
 RunContext that yields typed records, which the runner writes."""
 
 from qspec.stages.accuracy import task_stage

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from qspec.plan import key_of_record, key_of_stage, lossless_pairs
+from qspec.keys import key_of_record, key_of_stage
+from qspec.plan import lossless_pairs
 from qspec.records import Kind, Record, Skip, TaskLosslessRecord, TaskRecord
 from qspec.stages.context import RunContext
 

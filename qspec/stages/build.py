@@ -7,8 +7,9 @@ import logging
 import traceback
 from collections.abc import Iterator
 
+from qspec.keys import key_of_variant
 from qspec.measure.teacher_forced import tokenize_corpus
-from qspec.plan import key_of_variant, variant_roles
+from qspec.plan import variant_roles
 from qspec.records import Invariance, VariantRecord
 from qspec.stages.context import RunContext
 

@@ -14,28 +14,39 @@ import logging
 import torch
 
 from qspec.engine.draft_length import DraftLength
-from qspec.measure.acceptance import Acceptance, exactness
+from qspec.measure.acceptance import Acceptance, exactness, expected_acceptance_rate
 from qspec.measure.cost_model import CostModel, mean_step_s, oracle_fields
 from qspec.measure.latency import Latency
-from qspec.measure.memory import cell_measure, process_peak
-from qspec.measure.prediction import Prediction, Replay, on_policy_beta, replay_greedy
+from qspec.measure.memory import cell_measure
+from qspec.measure.prediction import (
+    Prediction,
+    Replay,
+    on_policy_betas,
+    replay_greedy,
+    sampled_odds,
+    steps_vary,
+)
 from qspec.measure.roofline import roofline
 from qspec.measure.speedup import paired_fields
 from qspec.measure.stats import spread_of
+from qspec.measure.step_odds import Expected, expected_run
 from qspec.records import GenerationRecord, Kind, Output
+from qspec.records.base import PEER_KINDS
 
 log = logging.getLogger("qspec")
 
 
 def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
-    """The record of CellRun r; base is its group's target-only run, peer (for transformers'
-    cells) the qspec speculative run of the same draft and gamma."""
+    """The record of CellRun r; base is the target-only run it is compared with (qspec's loop
+    alone for qspec's cells, transformers' plain generate for its assisted cells), peer (for
+    transformers' cells) qspec's run of the same draft and gamma (its target alone for
+    transformers' plain generate)."""
     c = r.cell
     if r.status != "ok":
         return bare_record(ctx, r, r.status, r.error)
     first = _first_pass(r)
     steps = [s for t in r.timed for s in t.steps]  # every repeat
-    measured = Acceptance.of([s for t in first for s in t.steps], c.gamma)
+    measured = Acceptance.of([s for t in first for s in t.steps], _width(c))
     invariance = ctx.invariance.get((ctx.models.target_ref.ref, c.target))
     fields = {
         **_coordinates(ctx, r),
@@ -45,12 +56,12 @@ def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
         "cross_tokenizer": _cross_tokenizer(r, first),
         "target_batch_invariant": invariance.batch_invariant if invariance else None,
         **_memory(ctx, r),
-        **(_engine_figures(ctx, r, measured, steps) if c.kind != Kind.HF_ASSISTED else {}),
-        **(_peer_figures(r, measured) if c.kind == Kind.HF_ASSISTED else {}),
+        **(_engine_figures(ctx, r, measured, steps) if c.kind not in PEER_KINDS else {}),
+        **(_peer_figures(r, measured) if c.kind in PEER_KINDS else {}),
         "outputs": _outputs(ctx, r, prompts),
     }
     baseline_ok = base is not None and base.status == "ok"
-    if c.kind != Kind.TARGET_ONLY and baseline_ok:
+    if c.kind not in (Kind.TARGET_ONLY, Kind.HF_TARGET_ONLY) and baseline_ok:
         fields.update(paired_fields(_timings(r), _timings(base), "speedup"))
         if c.mode == "greedy":
             fields.update(_lossless(ctx, r, base, prompts))
@@ -67,6 +78,12 @@ def cell_record(ctx, r, prompts, base, peer) -> GenerationRecord:
         fields["usd_per_million_tokens"] = price / 3600 / fields["tokens_per_s"] * 1e6
         fields["price_per_device_hour"] = price
     return GenerationRecord(**fields)
+
+
+def _width(cell) -> int:
+    """The most drafts a step of this cell can hold: gamma, or 2 gamma on the heuristic
+    schedule, so its histogram and per-position rates reach every draft it made."""
+    return DraftLength(cell.draft_length, cell.gamma).widest
 
 
 def _cross_tokenizer(r, first) -> dict | None:
@@ -103,20 +120,22 @@ def _timings(r) -> list:
 
 def _memory(ctx, r) -> dict:
     rise = max((t.memory_rise for t in r.timed), default=0)
+    reset = all(t.memory_reset for t in r.timed)
     f = {
         "peak_memory_bytes": r.own_weights + rise,
-        "peak_memory_measure": cell_measure(ctx.device),
+        "peak_memory_measure": cell_measure(ctx.device, reset),
+        "peak_memory_reset": reset,
         "memory_rise_bytes": rise,
     }
     if ctx.targets is not None:  # a process of this target's group alone: its peak is the group's
-        f["group_peak_memory_bytes"], f["group_peak_memory_measure"] = process_peak(ctx.device)
+        f["group_peak_memory_bytes"], f["group_peak_memory_measure"] = ctx.memory.process_peak()
     return f
 
 
 def _engine_figures(ctx, r, measured: Acceptance, steps) -> dict:
     c, p = r.cell, r.prepared
     gens = [t.gen for t in _first_pass(r)]
-    per_prompt = [Acceptance.of(g.steps, c.gamma) for g in gens]
+    per_prompt = [Acceptance.of(g.steps, _width(c)) for g in gens]
     weights = ctx.models.build("target", c.target).weights_bytes
     if c.kind == Kind.TARGET_ONLY:
         timed = [s.draft_s + s.verify_s for s in steps]
@@ -152,7 +171,7 @@ def _peer_figures(r, measured: Acceptance) -> dict:
     overlaps = [o for t in _first_pass(r) if t.counted is not None for o in t.counted.overlaps]
     f.update(exactness(measured.accepted, overlaps))
     if measured.steps:
-        per_prompt = [Acceptance.of(t.steps, r.cell.gamma) for t in _first_pass(r)]
+        per_prompt = [Acceptance.of(t.steps, _width(r.cell)) for t in _first_pass(r)]
         f.update(measured.fields())
         f["per_prompt_acceptance_rate"] = spread_of([a.rate for a in per_prompt])
         f["per_prompt_tau"] = spread_of([a.tau for a in per_prompt])
@@ -174,7 +193,7 @@ def _outputs(ctx, r, prompts) -> list[Output]:
         if t.gen is not None:
             o.ttft_s = t.gen.ttft_s
         if t.steps:
-            a = Acceptance.of(t.steps, r.cell.gamma)
+            a = Acceptance.of(t.steps, _width(r.cell))
             o.steps = len(t.steps)
             o.acceptance_rate, o.alpha_measured, o.tau = a.rate, a.alpha, a.tau
         out.append(o)
@@ -210,35 +229,53 @@ def _predicted(ctx, r, prompts, measured: Acceptance, base, steps) -> dict:
 
     Under lossless speculative sampling the emitted tokens are samples of the target, so the
     same holds for sample cells. The first emitted token comes from the prefill and was never
-    drafted, so it is not predicted. Greedy cells also replay the drafter over the output.
+    drafted, so it is not predicted. Greedy cells also replay the drafter over the output; a
+    drafter whose steps vary (n-gram lookup, confidence stopping, the heuristic schedule) is
+    predicted per step (measure/step_odds.py).
     """
     c = r.cell
     length = DraftLength(c.draft_length, c.gamma, ctx.cfg.confidence_threshold)
     target = ctx.models.model("target", c.target)
     sampler = ctx.sampler(c.mode)
-    betas, replayed, first = [], [], _first_pass(r)
+    vary = steps_vary(c.draft, length)
+    betas, greedy_draft, replayed, expected, first = [], [], [], None, _first_pass(r)
     for t in first:
         p = prompts[t.prompt]
         if len(t.tokens) < 2:
             continue
         ids = torch.cat([p.ids, torch.tensor(t.tokens, device=p.ids.device)])
+        start = p.ids.numel() + 1
         drafter = ctx.models.drafter(c.draft, c.target)
-        betas += on_policy_beta(target, drafter, ids, p.ids.numel() + 1, sampler).tolist()
+        own, argmax_q = on_policy_betas(target, drafter, ids, start, sampler)
+        own = own.tolist()
+        betas += own
+        greedy_draft += argmax_q.tolist() if argmax_q is not None else []
         if c.mode == "greedy":
             drafter = ctx.models.drafter(c.draft, c.target)
             # a quantized draft's numbers depend on the cache's size: the cell's own
             replayed += replay_greedy(
                 drafter, p.ids, t.tokens, length, p.max_new_tokens, r.prepared.capacity
             )
-    prediction = Prediction.of(betas, c.mode, length)
+        elif vary:
+            drafter = ctx.models.drafter(c.draft, c.target)
+            odds = sampled_odds(target, drafter, ids, start, sampler, length, own)
+            run = expected_run(odds, len(t.tokens), length, p.max_new_tokens)
+            expected = run if expected is None else expected + run
+    if vary and c.mode == "greedy" and replayed:
+        expected = Expected.of_steps(replayed, length.widest)
+    prediction = Prediction.of(betas, c.mode, length, expected if vary else None)
     f = prediction.fields(measured) if prediction is not None else {}
+    if greedy_draft and not vary:  # what vLLM's "greedy" draft sampling would accept here
+        alpha = sum(greedy_draft) / len(greedy_draft)
+        f["alpha_predicted_greedy_draft"] = alpha
+        f["acceptance_rate_predicted_greedy_draft"] = expected_acceptance_rate(alpha, c.gamma)
     if replayed and prediction is not None:
         f.update(Replay.of(replayed, [s for t in first for s in t.gen.steps]).fields(c.gamma))
     if base is not None:
         base_step = mean_step_s([s for t in base.timed for s in t.gen.steps])
-        cost = CostModel.of(steps, base_step, c.gamma)
-        if cost is not None and "tau_predicted" in f:
-            f.update(cost.fields(f["tau_predicted"]))
+        cost = CostModel.of(steps, base_step)
+        if cost is not None and prediction is not None:
+            f.update(prediction.cost_fields(cost))
         if c.draft_length == "fixed":
             f.update(oracle_fields(steps, base_step))
     return f

@@ -11,14 +11,17 @@ from pathlib import Path
 
 import torch
 
+from qspec.backends.vllm_server import Probes
 from qspec.config import RunConfig
 from qspec.engine.compiled import Compiled
 from qspec.engine.sampling import Sampler, sampler_for
 from qspec.environment import describe, versions
+from qspec.keys import Finished
+from qspec.measure.memory import MemoryMeter
 from qspec.models.precisions import reference_precision
-from qspec.plan import Cell, Finished
+from qspec.models.variants import Models
+from qspec.plan import Cell
 from qspec.records import Invariance
-from qspec.stages.variants import Models
 
 
 @dataclass
@@ -42,6 +45,14 @@ class RunContext:
     concurrency: str | None = None
     # model -> its compiled steps, made on first use when the config compiles (qspec_loop.py)
     compiled_models: dict[torch.nn.Module, Compiled] = field(default_factory=dict)
+    # vLLM's import probe, started at preflight (cli) and answered when the serving stage asks
+    vllm_probes: Probes = field(default_factory=Probes)
+    # this process's memory high-water marks (a cell's peak, a Ray worker's group peak)
+    memory: MemoryMeter | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory is None:
+            self.memory = MemoryMeter(self.device)
 
     def works_on(self, target: str) -> bool:
         return self.targets is None or target in self.targets

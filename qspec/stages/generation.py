@@ -1,4 +1,5 @@
-"""Stage 3: the generation cells, target-only, speculative and transformers' peer.
+"""Stage 3: the generation cells, target-only, speculative and transformers' peer (its own
+plain generate, and assisted generation).
 
 Cells that share a suite, a target and a mode form a group, measured interleaved: for each
 repeat and each prompt, every cell of the group generates in turn. Drift of the machine
@@ -21,6 +22,7 @@ from qspec.backends import qspec_loop, transformers_peer
 from qspec.backends.interface import Prepared, Timed
 from qspec.engine.cross_tokenizer import CrossTokenizerDrafter
 from qspec.engine.layerskip import LayerSkip
+from qspec.keys import key_of_cell
 from qspec.models.precisions import drafter_variant
 from qspec.plan import (
     SELF_DRAFT,
@@ -28,7 +30,6 @@ from qspec.plan import (
     drafts_for_itself,
     group_variants,
     groups,
-    key_of_cell,
     plan,
 )
 from qspec.records import GenerationRecord, Kind, Skip
@@ -42,6 +43,7 @@ log = logging.getLogger("qspec")
 BACKENDS = {
     Kind.TARGET_ONLY: qspec_loop.prepare,
     Kind.SPECULATIVE: qspec_loop.prepare,
+    Kind.HF_TARGET_ONLY: transformers_peer.prepare,
     Kind.HF_ASSISTED: transformers_peer.prepare,
 }
 
@@ -73,10 +75,9 @@ def generation_stage(ctx: RunContext, progress) -> Iterator[GenerationRecord]:
                     advance(f"{c.label()} (stored)")
             if not todo:
                 continue
-            # The baseline is timed again with any cell of its group: a speedup needs a
-            # baseline measured in the same stretch of time.
-            if group[0].kind == Kind.TARGET_ONLY and group[0] not in todo:
-                todo.insert(0, group[0])
+            # Each baseline is timed again with any cell of its group that it measures: a
+            # speedup needs a baseline measured in the same stretch of time.
+            todo = with_baselines(group, todo)
             suite = group[0].suite
             if suite not in prompts and "target" not in ctx.models.errors:
                 prompts[suite] = encode_prompts(
@@ -87,6 +88,14 @@ def generation_stage(ctx: RunContext, progress) -> Iterator[GenerationRecord]:
                     ctx.device,
                 )
             yield from measure_group(ctx, todo, keys, prompts.get(suite, []), advance)
+
+
+def with_baselines(group: list[Cell], todo: list[Cell]) -> list[Cell]:
+    """The cells to measure, with the baselines they are paired with: qspec's target-only
+    cell for any cell to measure, transformers' plain generate for its assisted cells."""
+    assisted = any(c.kind == Kind.HF_ASSISTED for c in todo)
+    base = {Kind.TARGET_ONLY: True, Kind.HF_TARGET_ONLY: assisted}
+    return [c for c in group if c in todo or base.get(c.kind, False)]
 
 
 def build_group_models(ctx: RunContext, target: str) -> None:
@@ -106,16 +115,21 @@ def measure_group(ctx: RunContext, cells: list[Cell], keys, prompts, advance):
             for r in runs:
                 if r.status == "ok":
                     _guarded(r, _measure, r, i, repeat)
-    base = runs[0] if runs[0].cell.kind == Kind.TARGET_ONLY else None
-    spec = {
+    base = next((r for r in runs if r.cell.kind == Kind.TARGET_ONLY), None)
+    hf_base = next((r for r in runs if r.cell.kind == Kind.HF_TARGET_ONLY), None)
+    # qspec's run of the same pairing, which each peer cell is compared with
+    qspec_runs = {
         (r.cell.draft, r.cell.gamma): r
         for r in runs
-        if r.cell.kind == Kind.SPECULATIVE and r.cell.draft_length == "fixed"
+        if r.cell.kind in (Kind.TARGET_ONLY, Kind.SPECULATIVE) and r.cell.draft_length == "fixed"
     }
     for r in runs:
-        peer = spec.get((r.cell.draft, r.cell.gamma)) if r.cell.kind == Kind.HF_ASSISTED else None
+        hf = r.cell.kind in (Kind.HF_TARGET_ONLY, Kind.HF_ASSISTED)
+        peer = qspec_runs.get((r.cell.draft, r.cell.gamma)) if hf else None
+        # a peer's speedup and lossless check are against its own loop's target alone
+        own_base = hf_base if r.cell.kind == Kind.HF_ASSISTED else None if hf else base
         try:
-            rec = cell_record(ctx, r, prompts, base, peer)
+            rec = cell_record(ctx, r, prompts, own_base, peer)
         except Exception as err:  # noqa: BLE001 - a fault in one cell never loses the others
             log.debug(traceback.format_exc())
             rec = bare_record(ctx, r, "failed", f"{type(err).__name__}: {err}")

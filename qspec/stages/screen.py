@@ -13,10 +13,10 @@ import traceback
 from collections.abc import Iterator
 
 from qspec.engine.cross_tokenizer import token_bytes
+from qspec.keys import key_of_record, key_of_stage
 from qspec.measure.acceptance import expected_acceptance_rate, expected_tau
 from qspec.measure.teacher_forced import quality_pass, tokenize_corpus
 from qspec.models.precisions import PRECISION_NAMES, reference_precision, self_precision
-from qspec.plan import key_of_record, key_of_stage
 from qspec.records import Kind, PairScreenRecord, PredictedAt, QualityRecord, Record, Skip
 from qspec.stages.context import RunContext
 

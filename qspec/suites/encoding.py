@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from qspec.plan import spread
-
 
 @dataclass
 class EncodedPrompt:
@@ -19,6 +17,20 @@ class EncodedPrompt:
     category: str
     ids: torch.Tensor
     max_new_tokens: int
+
+
+def spread(prompts: list, n: int) -> list:
+    """The first n prompts taken round-robin across categories, so small runs cover each one."""
+    by_category: dict[str, list] = {}
+    for p in prompts:
+        by_category.setdefault(p.category, []).append(p)
+    queues = list(by_category.values())
+    picked = []
+    while len(picked) < min(n, len(prompts)):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return picked
 
 
 def prompt_ids(tokenizer, prompt) -> list[int]:

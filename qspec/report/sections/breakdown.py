@@ -4,11 +4,12 @@ speedup per prompt category, from each prompt's own output."""
 from __future__ import annotations
 
 from qspec.records import GenerationRecord, Kind
+from qspec.records.base import PEER_KINDS
 from qspec.report.analysis import Run, prompt_times
 
 
 def build(run: Run) -> dict:
-    cells = [c for c in run.ok if c.kind != Kind.HF_ASSISTED]
+    cells = [c for c in run.ok if c.kind not in PEER_KINDS]
     categories = sorted({cat for c in cells for _, _, cat in prompt_times(c).values()})
     rows = [_category_row(run, c, categories) for c in cells]
     return {

@@ -34,7 +34,9 @@ def _group(run: Run, suite: str, mode: str, gamma: int) -> dict | None:
     spec: Grid = {}
     hf: Grid = {}
     for c in run.ok:
-        if (c.suite, c.mode, c.gamma) == key and c.draft_length == "fixed":
+        if (c.suite, c.mode, c.gamma) != key or c.draft_length != "fixed":
+            continue
+        if c.kind in (Kind.SPECULATIVE, Kind.HF_ASSISTED):
             (spec if c.kind == Kind.SPECULATIVE else hf)[(c.target, text(c.draft))] = c
     rows = [t for t in run.targets if any(k[0] == t for k in list(spec) + list(hf))]
     cols = [d for d in run.drafts if any(k[1] == d for k in list(spec) + list(hf))]

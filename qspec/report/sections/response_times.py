@@ -1,5 +1,6 @@
-"""Latency: time to first token and per-token latency per cell, torch.compile's warm-up cost
-(never counted), and speculative speedup by output length, prompt by prompt."""
+"""Latency: time to first token, time per output token and inter-token latency per cell (as
+vLLM names them), torch.compile's warm-up cost (never counted), and speculative speedup by
+output length, prompt by prompt."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def build(run: Run) -> dict:
 
 
 def _figures(run: Run, rows: list[GenerationRecord]) -> list[dict]:
-    """Per suite and mode: TTFT p50 and per-token latency p50 / p95 bars, one per cell."""
+    """Per suite and mode: TTFT p50 and TPOT p50 / p95 bars, one per cell."""
     figures = []
     for suite in run.suites:
         for mode in run.modes:
@@ -50,11 +51,11 @@ def _figures(run: Run, rows: list[GenerationRecord]) -> list[dict]:
                     "value_label": "p50",
                 },
                 {
-                    "title": "per-token latency",
+                    "title": "time per output token (TPOT), per request",
                     "xlabel": "seconds per token",
                     "labels": labels,
-                    "values": [c.token_latency_s_p50 for c in cs],
-                    "upper": [c.token_latency_s_p95 for c in cs],
+                    "values": [c.tpot_s.p50 if c.tpot_s else None for c in cs],
+                    "upper": [c.tpot_s.p95 if c.tpot_s else None for c in cs],
                     "value_label": "p50",
                     "upper_label": "p95",
                 },
