@@ -302,3 +302,12 @@ def test_confidence_cells_are_predicted_per_step(tmp_path, tiny_model_dir):
         assert confident["alpha_agrees"] is True
     else:  # the draft was never sure enough to draft: nothing tested, predicted or measured
         assert confident["alpha_predicted"] is None and confident["steps_without_drafts"] > 0
+
+
+def test_out_and_a_different_resume_folder_are_rejected(tmp_path, capsys):
+    """A resumed run continues in its own folder: an --out naming another is an error, not
+    silently ignored."""
+    (tmp_path / "a").mkdir()
+    code = main(["evaluate", "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    assert code == 2
+    assert "--resume" in capsys.readouterr().err and not (tmp_path / "b").exists()
