@@ -27,6 +27,7 @@ KINDS = {
     "suites": "files generated for built-in suites (lm-eval task YAML and data)",
     "random-models": "random-weight models of realistic size built by benchmarks/engine.py",
     "skip-search": "layer-skip search results, one JSON file each",
+    "heads": "EAGLE-3 draft heads trained by qspec, one per target variant, text and settings",
 }
 STAMP = ".qspec-last-used"
 SOURCE = "qspec-source.json"  # written last into a model entry: the entry is finished

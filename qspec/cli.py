@@ -44,6 +44,7 @@ def _evaluate(args) -> int:
         # validated before any model loads
         suites = [load_suite(name, extra) for name in cfg.suites]
         _check_hub(suites)
+        _check_heads(cfg)
         _check_engines(cfg, probes)
     except (ConfigError, SuiteError) as err:
         print(f"qspec: {err}", file=sys.stderr)
@@ -81,6 +82,37 @@ def _check_engines(cfg, probes) -> None:
         raise ConfigError(
             f'{problem}. To run without the served engine set engines = ["qspec"] in the config.'
         )
+
+
+def _check_heads(cfg) -> None:
+    """A user's EAGLE-3 checkpoint that does not fit the target fails now, naming the key."""
+    from qspec.models.precisions import HEAD_USER, head_kind
+
+    users = [
+        (key, name)
+        for key, names in (
+            ("draft.precisions", cfg.draft.precisions),
+            ("vllm.drafts", cfg.vllm.drafts),
+        )
+        for name in names
+        if head_kind(name) == "user"
+    ]
+    if not users:
+        return
+    from transformers import AutoConfig
+
+    from qspec.models.heads import user_head_problems
+    from qspec.models.refs import resolve
+
+    try:
+        target = AutoConfig.from_pretrained(resolve(cfg.target.ref).location)
+    except Exception as err:  # noqa: BLE001 - the run reports an unloadable target itself
+        logging.getLogger("qspec").debug("target config not read for the head check: %s", err)
+        return
+    for key, name in users:
+        problems = user_head_problems(name.removeprefix(HEAD_USER), target)
+        if problems:
+            raise ConfigError(f"{key}: {name}: " + "; ".join(problems))
 
 
 def _check_hub(suites) -> None:

@@ -123,6 +123,25 @@ class TaskSettings(Strict):
     lossless_check: Literal["none", "reference", "all"] = "reference"
 
 
+class HeadSettings(Strict):
+    """EAGLE-3 heads qspec trains (drafters eagle3 and eagle3-matched, models/heads.py): one
+    teacher-forced pass of the target over the run's suite corpora, then gradient steps.
+
+    Sized for about two minutes of a 2-core CPU: max_steps (deterministic under the run's
+    seed) is about one epoch of the default corpus there; max_seconds caps it on a slower
+    machine, and the head's record then says how many steps it took."""
+
+    max_steps: int | None = Field(default=40, ge=1)
+    max_seconds: float = Field(default=150, gt=0)
+    # the most frequent target tokens the head may draft: its LM head costs ~6% of a
+    # SmolLM2-135M step at 8192 (24% over the full 49k), and covers 97% of the target's greedy
+    # tokens on held-out default-corpus text
+    draft_vocab_size: int = Field(default=8192, ge=16)
+    unroll: int = Field(default=3, ge=1, le=8, description="training-time-test steps")
+    heldout_share: float = Field(default=0.15, gt=0, lt=1, description="of each document")
+    max_tokens: int | None = Field(default=None, ge=64, description="None: every corpus token")
+
+
 class RaySettings(Strict):
     """Where and how cell groups run when executor = "ray" (one worker process per group)."""
 
@@ -254,6 +273,7 @@ class RunConfig(Strict):
     # nf4 (bitsandbytes 4-bit) screened beside GPTQ int4 for quality and batch invariance
     quality: QualitySettings = QualitySettings(variants=["nf4"])
     tasks: TaskSettings = TaskSettings()
+    heads: HeadSettings = HeadSettings()
     # "local": every stage in this process, one cell after another; "ray": the stages as Ray
     # tasks, each cell group (one target variant) in a worker process of its own
     executor: Literal["local", "ray"] = "local"

@@ -23,6 +23,7 @@ from collections.abc import Callable
 PRIOR = {
     "variant": 9.0,
     "variant gptq-int4": 75.0,  # a first build; 7 s from the cache
+    "head": 150.0,  # a draft head trained (collect ~40 s + 40 steps); seconds from the cache
     "quality": 19.0,
     # a generation group's records arrive together when it ends: its first (target-only)
     # record is charged the group's time, the rest almost none

@@ -98,6 +98,22 @@ def key_of_variant(model: str, precision: str, device: str) -> str:
     return cell_key({"kind": "variant", "ref": model, "precision": precision, "device": device})
 
 
+def key_of_head(cfg: RunConfig, name: str, trained_on: str, device: str) -> str:
+    """A head depends on its target variant, the training settings and text (the suites)."""
+    return cell_key(
+        {
+            "kind": "head",
+            "name": name,
+            "trained_on": trained_on,
+            "target_ref": cfg.target.ref,
+            "heads": cfg.heads.model_dump(),
+            "suites": cfg.suites,
+            "seed": cfg.seed,
+            "device": device,
+        }
+    )
+
+
 def key_of_record(stage_key: str, record: Record) -> str:
     """A unique key for one of the several records a stage writes under its stage key."""
     ident = {

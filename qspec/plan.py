@@ -10,15 +10,24 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from qspec.config import RunConfig
-from qspec.keys import key_of_cell, key_of_record, key_of_serving, key_of_stage, key_of_variant
+from qspec.keys import (
+    key_of_cell,
+    key_of_head,
+    key_of_record,
+    key_of_serving,
+    key_of_stage,
+    key_of_variant,
+)
 from qspec.models.precisions import (
     MODEL_FREE_DRAFTER_NAMES,
     drafter_variant,
+    head_kind,
     parse_skip,
     reference_precision,
 )
 from qspec.records import (
     GenerationRecord,
+    HeadRecord,
     Kind,
     QualityRecord,
     Record,
@@ -102,6 +111,36 @@ def drafts_for_itself(cfg: RunConfig, target: str, draft: str | None) -> bool:
         return False
     role, precision = variant
     return precision == target and (role == "target" or cfg.draft.ref == cfg.target.ref)
+
+
+SAME_HEAD = (
+    "on the reference target the matched head is the reference-trained one (eagle3): the "
+    "same head, measured once, under eagle3"
+)
+
+
+def repeats_reference_head(cfg: RunConfig, target: str, draft: str | None, device: str) -> bool:
+    """eagle3-matched on the reference target: eagle3's own head again."""
+    return head_kind(draft) == "matched" and target == reference_precision(
+        cfg.target.precisions, device
+    )
+
+
+def head_builds(cfg: RunConfig, device: str) -> list[tuple[str, str]]:
+    """(drafter name, target precision it is trained on, or "user") of every head the run
+    makes, once each: the generation cells' drafts and the served ones."""
+    reference = reference_precision(cfg.target.precisions, device)
+    out: dict[tuple[str, str], None] = {}
+    for name in [*cfg.draft.precisions, *cfg.vllm.drafts]:
+        kind = head_kind(name)
+        if kind == "reference":
+            out[(name, reference)] = None
+        elif kind == "matched":
+            targets = [*cfg.target.precisions, *cfg.vllm.targets]
+            out.update({(name, t): None for t in dict.fromkeys(targets) if t != reference})
+        elif kind == "user":
+            out[(name, "user")] = None
+    return list(out)
 
 
 # The pairing an existing deployment serves is read from it at run time ([vllm] url).
@@ -227,6 +266,11 @@ def planned(cfg: RunConfig, suites: list[SuitePlan], device: str, versions: dict
         )
         for _, ref, p in variant_roles(cfg)
     ]
+    for name, on in head_builds(cfg, device):
+        key = key_of_head(cfg, name, on, device)
+        trained_on = None if on == "user" else on
+        rec = HeadRecord(key=key, model=cfg.target.ref, name=name, trained_on=trained_on, **failed)
+        out.append(Planned("variants", None, rec))
     if cfg.quality.enabled:
         for s in suites:
             out.append(

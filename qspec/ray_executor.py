@@ -208,6 +208,7 @@ def work_in_worker(
 
     from qspec.environment import quiet_transformers
     from qspec.models.variants import Models
+    from qspec.runner import corpus_texts
     from qspec.progress import Progress
     from qspec.stages import STAGES
 
@@ -221,7 +222,7 @@ def work_in_worker(
         device=dev,
         suites={s.name: s for s in suites},
         work_dir=_writable(work_dir),
-        models=Models(cfg, dev, calibration),
+        models=Models(cfg, dev, calibration, corpus_texts(suites)),
         finished=finished,
         bandwidth=bandwidth,
         fault=fault,

@@ -67,7 +67,7 @@ def run_evaluation(
             device=device,
             suites={s.name: s for s in suites},
             work_dir=out,
-            models=Models(cfg, device, calibration),
+            models=Models(cfg, device, calibration, corpus_texts(suites)),
             finished=finished,
             bandwidth=info.memory_bandwidth,
             fault=fault,
@@ -141,6 +141,11 @@ def calibration_texts(suites) -> list[str]:
         out.append(doc[:left])
         left -= len(out[-1])
     return out
+
+
+def corpus_texts(suites) -> list[str]:
+    """Every suite's corpus text, in order: what the run's draft heads train on."""
+    return [doc for s in suites for doc in _safe_corpus(s)]
 
 
 def _safe_corpus(suite) -> list[str]:

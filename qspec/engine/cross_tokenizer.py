@@ -148,9 +148,10 @@ class CrossTokenizerDrafter:
     kv: KV | None = None
     model_tokens: int = 0  # draft-model tokens decoded, for draft tokens per target token
     ctx: list[int] = field(default_factory=list)  # the draft ids the cache holds
+    target_layers: tuple[int, ...] = ()
     budget_room: int = 17  # draft tokens a proposal may add after a sync (gamma <= 16)
 
-    def prefill(self, tokens: torch.Tensor, capacity: int) -> None:
+    def prefill(self, tokens: torch.Tensor, capacity: int, target_states=None) -> None:
         self.ctx, self.model_tokens = [], 0
         self.device = tokens.device
         # the draft's tokenizer may need more tokens for the same text: size its cache by the
@@ -244,7 +245,7 @@ class CrossTokenizerDrafter:
             q.index_add_(0, t_ids, shared / mass)  # draft tokens of the same bytes add up
         return q
 
-    def rollback(self, n_tokens: int) -> None:
+    def rollback(self, n_tokens: int, target_states=None) -> None:
         pass  # the next propose re-tokenizes the target's text and keeps the common prefix
 
     @torch.inference_mode()

@@ -13,6 +13,7 @@ import torch
 
 from qspec.engine.draft_length import DraftLength
 from qspec.engine.drafters import teacher_forced_logits
+from qspec.engine.head_drafter import target_states
 from qspec.engine.kv import new_kv
 from qspec.engine.loop import Step
 from qspec.engine.sampling import GREEDY, Sampler
@@ -20,7 +21,7 @@ from qspec.measure.acceptance import Acceptance, expected_acceptance_rate, expec
 from qspec.measure.cost_model import CostModel
 from qspec.measure.stats import mean_se
 from qspec.measure.step_odds import DraftOdds, Expected
-from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES
+from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, head_kind
 
 AGREEMENT = 0.05  # predicted and measured alpha agree within max(this, 2 standard errors)
 
@@ -80,12 +81,13 @@ class Prediction:
     mode: str
     length: DraftLength
     steps: Expected | None = None
+    how: str = ""  # how the per-step walk was made
 
     @classmethod
-    def of(cls, betas, mode: str, length: DraftLength, steps: Expected | None = None):
+    def of(cls, betas, mode: str, length: DraftLength, steps: Expected | None = None, how=""):
         if steps is not None and steps.steps:
             alpha = steps.accepted / steps.tested if steps.tested else None
-            return cls(alpha, None, len(betas), mode, length, steps)
+            return cls(alpha, None, len(betas), mode, length, steps, how)
         alpha, se = mean_se(betas)
         return None if alpha is None else cls(alpha, se, len(betas), mode, length)
 
@@ -99,9 +101,7 @@ class Prediction:
         }
         if self.steps is not None:
             f.update(self.steps.fields())
-            greedy = "the drafter replayed over the output, exactly"
-            sampled = "expected steps from per-draft odds"
-            f["prediction_method"] = "per step: " + (greedy if self.mode == "greedy" else sampled)
+            f["prediction_method"] = f"per step: {self.how}"
         elif self.length.kind == "fixed":  # Leviathan's expectations hold for a fixed gamma
             gamma = self.length.gamma
             f["tau_predicted"] = expected_tau(self.alpha, gamma)
@@ -272,5 +272,46 @@ def sampled_odds(target, drafter, ids, start, sampler, length: DraftLength, beta
 
 def steps_vary(drafter_name: str, length: DraftLength) -> bool:
     """Whether a cell's steps draft other than gamma tokens each, independently: then tau and
-    alpha are predicted per step (step_odds.py), not from Leviathan's fixed-gamma formulas."""
-    return length.kind != "fixed" or drafter_name in MODEL_FREE_DRAFTER_NAMES
+    alpha are predicted per step (step_odds.py), not from Leviathan's fixed-gamma formulas.
+    A draft head's later drafts read its own states, not the target's: they are worse than its
+    first, so its drafts are not independent either."""
+    return (
+        length.kind != "fixed"
+        or drafter_name in MODEL_FREE_DRAFTER_NAMES
+        or head_kind(drafter_name) is not None
+    )
+
+
+@torch.inference_mode()
+def head_odds(target, drafter, ids: torch.Tensor, start: int, sampler: Sampler, width: int):
+    """A draft head: at each position, its width-step rollout as the engine drafts it (the
+    first draft from the target's own states, later ones from the head's), fed the text's
+    tokens, which an accepted draft would have been; draft i is accepted with beta at the
+    position it drafts for (greedy: argmax agreement, sampled: sum min(p, q))."""
+    head = drafter.head
+    p = teacher_forced_logits(target, ids, start)  # row j predicts ids[start + j]
+    probs = None if sampler.greedy else sampler.probs(p)
+    fused = head.fuse(target_states(target, ids[:-1], head.cfg.aux_layers))
+    cache = head.new_cache(ids.numel() + width + 1)
+    before = start - 2  # entries whose prediction lies before the first predicted token
+    if before > 0:
+        pos = torch.arange(before, device=ids.device)
+        head(ids[1 : before + 1], fused[:before], pos, cache)
+    accept = [[]]  # the prefill's token is never drafted
+    for t in range(start, ids.numel()):
+        cache.rollback(t - 2)
+        out, state = head(ids[t - 1 : t], fused[t - 2 : t - 1], torch.tensor([t - 2]), cache)
+        row = []
+        for i in range(width):
+            if t + i >= ids.numel():
+                break
+            j, q = t + i - start, out[-1]
+            if sampler.greedy:
+                row.append(float(p[j].argmax() == q.argmax()))
+            else:
+                row.append(float(overlap(probs[j], sampler.probs(q))))
+            if i + 1 < width and t + i + 1 < ids.numel():
+                at = torch.tensor([t - 1 + i])
+                out, state = head(ids[t + i : t + i + 1], state, at, cache)
+        accept.append(row)
+    return DraftOdds(accept, [[0.0] * width for _ in accept])

@@ -72,9 +72,30 @@ def self_precision(name: str) -> str | None:
     return name.removeprefix(SELF) if name.startswith(SELF) else None
 
 
+# EAGLE-3 draft heads (models/heads.py): trained by qspec on the reference target variant
+# ("eagle3", what users deploy beside a quantized target) or on the cell's own target variant
+# ("eagle3-matched"), or a user's checkpoint ("eagle3:<path or hub id>")
+HEAD = "eagle3"
+HEAD_MATCHED = "eagle3-matched"
+HEAD_USER = "eagle3:"
+
+
+def head_kind(name: str | None) -> str | None:
+    """ "reference", "matched" or "user" for a head drafter's name, else None."""
+    if name == HEAD:
+        return "reference"
+    if name == HEAD_MATCHED:
+        return "matched"
+    if name is not None and name.startswith(HEAD_USER):
+        return "user"
+    return None
+
+
 def drafter_variant(name: str) -> tuple[str, str] | None:
-    """(role, precision) of the variant a drafter needs built, or None (model-free, or a
-    layer-skip draft of the cell's own target variant)."""
+    """(role, precision) of the variant a drafter needs built, or None (model-free, a draft
+    head, or a layer-skip draft of the cell's own target variant)."""
+    if head_kind(name) is not None:
+        return None
     own = self_precision(name)
     if own is not None:
         return ("target", own)
@@ -87,6 +108,11 @@ def drafter_variant(name: str) -> tuple[str, str] | None:
 def check_drafter(name: str) -> str | None:
     """None when `name` names a drafter, else what is wrong with it."""
     if name in PRECISION_NAMES or name in MODEL_FREE_DRAFTER_NAMES:
+        return None
+    if head_kind(name) is not None:
+        ref = name.removeprefix(HEAD_USER)
+        if head_kind(name) == "user" and not ref:
+            return f"{name!r}: give the head's folder or hub id after {HEAD_USER!r}"
         return None
     own = self_precision(name)
     if own is not None:
@@ -101,8 +127,9 @@ def check_drafter(name: str) -> str | None:
         allowed = ", ".join([*PRECISION_NAMES, *MODEL_FREE_DRAFTER_NAMES])
         return (
             f"unknown precision or drafter {name!r} (allowed: {allowed}, the target's own "
-            "variant such as self:int8, or a layer-skip draft such as skip-50%, skip:3,5,7, "
-            "skip-search, nf4+skip-50%)"
+            "variant such as self:int8, a layer-skip draft such as skip-50%, skip:3,5,7, "
+            f"skip-search, nf4+skip-50%, or an EAGLE-3 head: {HEAD}, {HEAD_MATCHED}, "
+            f"{HEAD_USER}<folder or hub id>)"
         )
     if skip.precision is not None and skip.precision not in PRECISION_NAMES:
         return f"{name!r}: unknown precision {skip.precision!r} before '+skip'"

@@ -19,10 +19,18 @@ import torch
 from qspec.config import RunConfig
 from qspec.engine.cross_tokenizer import CrossTokenizerDrafter, VocabMap, logits_rows, vocab_map
 from qspec.engine.drafters import MODEL_FREE_DRAFTERS, ModelDrafter
+from qspec.engine.head_drafter import HeadDrafter
 from qspec.engine.layerskip import LayerSkip, decoder_layers, middle_layers
 from qspec.measure.skip_search import search_skip
 from qspec.models.builders import BuildContext, VariantUnavailable, build, weight_bytes
-from qspec.models.precisions import parse_skip, self_precision
+from qspec.models.heads import TrainedHead, trained_head, user_head
+from qspec.models.precisions import (
+    HEAD_USER,
+    head_kind,
+    parse_skip,
+    reference_precision,
+    self_precision,
+)
 from qspec.models.refs import ResolvedModel, resolve
 from qspec.records import Skip, Status
 
@@ -43,8 +51,16 @@ class Built:
 class Models:
     """Resolves the target and draft references, then builds each variant once, on demand."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device, calibration: list[str]):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        device: torch.device,
+        calibration: list[str],
+        corpus: list[str] | None = None,
+    ):
         self.cfg, self.device, self.calibration = cfg, device, calibration
+        self.corpus = corpus or []  # the suites' corpus text: what heads train on
+        self.heads: dict[tuple[str, str], TrainedHead | Skip] = {}
         self.built: dict[tuple[str, str], Built] = {}
         self.errors: dict[str, str] = {}  # role -> why that model cannot be used at all
         self.searches: dict[tuple[str, str], dict] = {}  # layer-skip searches, per variant
@@ -141,6 +157,7 @@ class Models:
         released = [key for key, b in self.built.items() if b.model is not None]
         for key in released:
             del self.built[key]
+        self.heads = {k: h for k, h in self.heads.items() if isinstance(h, Skip)}
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -154,10 +171,55 @@ class Models:
             raise Skip(built.status, reason)
         return built.model
 
+    def head_target(self, name: str, target: str | None) -> str:
+        """The target precision a head is trained on: the reference for eagle3, the cell's own
+        for eagle3-matched ("user" for a user's checkpoint, trained elsewhere)."""
+        kind = head_kind(name)
+        if kind == "reference":
+            return reference_precision(self.cfg.target.precisions, self.device.type)
+        return target if kind == "matched" else "user"
+
+    def head(self, name: str, target: str | None) -> TrainedHead:
+        """A draft head (models/heads.py), trained or loaded once per run, or Skip with why."""
+        on = self.head_target(name, target)
+        key = (name if on == "user" else head_kind(name), on)
+        if key not in self.heads:
+            self.heads[key] = self._head(name, on, target)
+        found = self.heads[key]
+        if isinstance(found, Skip):
+            raise found
+        return found
+
+    def _head(self, name: str, on: str, target: str | None) -> TrainedHead | Skip:
+        try:
+            if on == "user":
+                return user_head(name.removeprefix(HEAD_USER), self.model("target", target))
+            model = self.model("target", on)
+            return trained_head(
+                model,
+                self.target_ref.location,
+                on,
+                self.tokenizer,
+                self.corpus,
+                self.cfg.heads,
+                self.cfg.seed,
+            )
+        except Skip as skip:
+            return skip
+        except Exception as err:  # noqa: BLE001 - a head that cannot be made fails its cells
+            log.debug(traceback.format_exc())
+            return Skip("failed", f"{name} head on {on}: {type(err).__name__}: {err}")
+
     def drafter(self, name: str, target: str | None = None):
         """A fresh drafter, or Skip: n-gram lookup, a built draft variant, the target model's
-        own variant (self:<precision>), or a layer-skip draft over the cell's target variant
-        (`target`) or a draft variant."""
+        own variant (self:<precision>), a draft head reading the cell's target (`target`), or
+        a layer-skip draft over the cell's target variant or a draft variant."""
+        if head_kind(name) is not None:
+            made = self.head(name, target)
+            try:
+                return HeadDrafter(made.head, name, target_model=self.model("target", target))
+            except ValueError as err:
+                raise Skip("unavailable", f"{name}: {err}") from None
         if name in MODEL_FREE_DRAFTERS:
             d = self.cfg.draft
             return MODEL_FREE_DRAFTERS[name](max_ngram=d.ngram_max, min_ngram=d.ngram_min)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from qspec.records.base import GENERATION_KINDS, Kind, Mode, Part, Record, Skip, Status
 from qspec.records.built import (
+    HeadRecord,
     Invariance,
     PairScreenRecord,
     PredictedAt,
@@ -45,6 +46,7 @@ __all__ = [
     "TaskLosslessRecord",
     "TaskRecord",
     "VariantRecord",
+    "HeadRecord",
     "Divergence",
     "GenerationRecord",
     "Output",
@@ -61,6 +63,7 @@ __all__ = [
 
 AnyRecord = Annotated[
     VariantRecord
+    | HeadRecord
     | GenerationRecord
     | QualityRecord
     | PairScreenRecord
@@ -72,6 +75,7 @@ AnyRecord = Annotated[
 _ADAPTER: TypeAdapter = TypeAdapter(AnyRecord)
 CLASSES = {
     Kind.VARIANT: VariantRecord,
+    Kind.HEAD: HeadRecord,
     **{k: GenerationRecord for k in GENERATION_KINDS},
     Kind.QUALITY: QualityRecord,
     Kind.PAIR_SCREEN: PairScreenRecord,

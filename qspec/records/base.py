@@ -24,6 +24,7 @@ class Skip(Exception):
 
 class Kind(StrEnum):
     VARIANT = "variant"
+    HEAD = "head"  # a draft head trained (or loaded) for a target variant
     TARGET_ONLY = "target_only"
     SPECULATIVE = "speculative"
     HF_TARGET_ONLY = "hf_target_only"  # transformers' plain generate: the peer's own baseline

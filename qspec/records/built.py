@@ -36,6 +36,27 @@ class VariantRecord(Record):
     batch_invariance: Invariance | None = None
 
 
+class HeadRecord(Record):
+    """A draft head for a target variant (models/heads.py): trained here, from the cache, or a
+    user's checkpoint; what it was trained on and how well it drafts on held-out text."""
+
+    kind: Literal[Kind.HEAD] = Kind.HEAD
+    model: str  # the target model reference
+    name: str  # the drafter: eagle3, eagle3-matched, eagle3:<path>
+    trained_on: str | None = None  # the target precision whose states it learned (None: user's)
+    folder: str | None = None  # the checkpoint (EAGLE-3 layout: what vLLM loads)
+    cached: bool | None = None  # loaded from the cache (or a user's folder), not trained now
+    build_s: float | None = None  # this run's time to train or load it
+    weights_bytes: int | None = None  # its own weights (the target's embedding is shared)
+    draft_vocab_size: int | None = None
+    aux_layers: list[int] = []
+    # training: tokens, steps, epochs, wall seconds (collect / train), loss, seed, threads
+    training: dict | None = None
+    # held-out corpus text: greedy per-position agreement a_k with the target (and its n), the
+    # loss, and the share of the target's greedy tokens its draft vocabulary holds
+    heldout: dict | None = None
+
+
 class QualityRecord(Record):
     """A target variant against the reference on a suite corpus, teacher-forced (measure/teacher_forced.py)."""
 

@@ -11,6 +11,7 @@ from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, PRECISION_NAMES, s
 from qspec.records import (
     GENERATION_KINDS,
     GenerationRecord,
+    HeadRecord,
     Kind,
     Output,
     PairScreenRecord,
@@ -115,6 +116,7 @@ class Run:
         self.info, records, self.notes = load_run(self.dir)
         self.config = self.info.config
         self.variants: list[VariantRecord] = _of(records, VariantRecord)
+        self.heads: list[HeadRecord] = _of(records, HeadRecord)
         cells: list[GenerationRecord] = _of(records, GenerationRecord)
         self.quality: list[QualityRecord] = _of(records, QualityRecord)
         self.screens: list[PairScreenRecord] = _of(records, PairScreenRecord)

@@ -18,6 +18,7 @@ from qspec.report.sections import (
     breakdown,
     draft_acceptance,
     failures,
+    heads,
     matrix,
     metadata,
     outputs,
@@ -34,6 +35,7 @@ log = logging.getLogger("qspec.report")
 SECTIONS = (
     ("verdict", "Verdict", verdict.build),
     ("matrix", "Pairing matrix", matrix.build),
+    ("heads", "Draft heads", heads.build),
     ("quality", "Quality vs reference", quality.build),
     ("invariance", "Batch invariance", batch_invariance.build),
     ("pareto", "Speed, memory and quality", pareto.build),

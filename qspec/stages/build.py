@@ -1,5 +1,6 @@
 """Stage 1: build every variant the plan needs, once, and record its size, its build time and
-whether it is batch-invariant (or why it could not be built)."""
+whether it is batch-invariant (or why it could not be built); then train (or load) every draft
+head the plan needs, and record what it learned from and how well it drafts held-out text."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import logging
 import traceback
 from collections.abc import Iterator
 
-from qspec.keys import key_of_variant
+from qspec.keys import key_of_head, key_of_variant
 from qspec.measure.teacher_forced import tokenize_corpus
-from qspec.plan import variant_roles
-from qspec.records import Invariance, VariantRecord
+from qspec.plan import head_builds, variant_roles
+from qspec.records import HeadRecord, Invariance, Skip, VariantRecord
 from qspec.stages.context import RunContext
 
 log = logging.getLogger("qspec")
@@ -42,6 +43,45 @@ def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
                 rec.batch_invariant = rec.batch_invariance.batch_invariant
                 ctx.invariance[(ref.ref, precision)] = rec.batch_invariance
         yield rec
+
+
+def build_heads(ctx: RunContext) -> Iterator[HeadRecord]:
+    """Each head once: trained on its target variant (or found in the cache), or loaded."""
+    if "target" in ctx.models.errors:
+        return
+    for name, on in head_builds(ctx.cfg, ctx.device.type):
+        key = key_of_head(ctx.cfg, name, on, ctx.device.type)
+        if ctx.finished.cell(key) is not None:
+            continue
+        rec = HeadRecord(key=key, model=ctx.models.target_ref.ref, name=name)
+        rec.trained_on = None if on == "user" else on
+        try:
+            made = ctx.models.head(name, on if on != "user" else ctx.reference)
+        except Skip as skip:
+            rec.status, rec.error = skip.status, skip.reason
+            yield rec
+            continue
+        yield head_record(rec, made)
+
+
+def head_record(rec: HeadRecord, made) -> HeadRecord:
+    """A head's record from what models/heads.py made or found."""
+    r, head = made.report, made.head
+    own = [p for name, p in head.named_parameters() if not name.startswith("embed")]
+    rec.folder, rec.cached, rec.build_s = str(made.folder), made.cached, made.seconds
+    rec.weights_bytes = sum(p.numel() * p.element_size() for p in own)
+    rec.draft_vocab_size, rec.aux_layers = head.cfg.draft_vocab_size, list(head.cfg.aux_layers)
+    keys = ("train_tokens", "heldout_tokens", "steps", "epochs", "tokens_seen", "seed")
+    keys += ("collect_seconds", "init_seconds", "train_seconds", "seconds", "final_loss")
+    keys += ("threads", "unroll", "lr", "window", "checkpoint", "layout")
+    rec.training = {k: r[k] for k in keys if k in r}
+    held = {k: v for k, v in r.items() if k.startswith("a_") or k.startswith("heldout_")}
+    if "draft_vocab_covers" in r:
+        held["draft_vocab_covers"] = r["draft_vocab_covers"]
+    if "before" in r:
+        held["before_training"] = r["before"]
+    rec.heldout = held or None
+    return rec
 
 
 def _suite_text(ctx: RunContext, tokenizer):

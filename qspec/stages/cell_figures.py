@@ -21,6 +21,7 @@ from qspec.measure.memory import cell_measure
 from qspec.measure.prediction import (
     Prediction,
     Replay,
+    head_odds,
     on_policy_betas,
     replay_greedy,
     sampled_odds,
@@ -30,6 +31,7 @@ from qspec.measure.roofline import roofline
 from qspec.measure.speedup import paired_fields
 from qspec.measure.stats import spread_of
 from qspec.measure.step_odds import Expected, expected_run
+from qspec.models.precisions import head_kind
 from qspec.records import GenerationRecord, Kind, Output
 from qspec.records.base import PEER_KINDS
 
@@ -250,7 +252,12 @@ def _predicted(ctx, r, prompts, measured: Acceptance, base, steps) -> dict:
         own = own.tolist()
         betas += own
         greedy_draft += argmax_q.tolist() if argmax_q is not None else []
-        if c.mode == "greedy":
+        if drafter.target_layers:  # a head: rolled out over the text, greedy or sampled
+            drafter = ctx.models.drafter(c.draft, c.target)
+            odds = head_odds(target, drafter, ids, start, sampler, length.widest)
+            run = expected_run(odds, len(t.tokens), length, p.max_new_tokens)
+            expected = run if expected is None else expected + run
+        elif c.mode == "greedy":
             drafter = ctx.models.drafter(c.draft, c.target)
             # a quantized draft's numbers depend on the cache's size: the cell's own
             replayed += replay_greedy(
@@ -263,7 +270,13 @@ def _predicted(ctx, r, prompts, measured: Acceptance, base, steps) -> dict:
             expected = run if expected is None else expected + run
     if vary and c.mode == "greedy" and replayed:
         expected = Expected.of_steps(replayed, length.widest)
-    prediction = Prediction.of(betas, c.mode, length, expected if vary else None)
+    if head_kind(c.draft) is not None:
+        how = "the head rolled out over the output from the target's teacher-forced states"
+    elif c.mode == "greedy":
+        how = "the drafter replayed over the output, exactly"
+    else:
+        how = "expected steps from per-draft odds over the output"
+    prediction = Prediction.of(betas, c.mode, length, expected if vary else None, how)
     f = prediction.fields(measured) if prediction is not None else {}
     if greedy_draft and not vary:  # what vLLM's "greedy" draft sampling would accept here
         alpha = sum(greedy_draft) / len(greedy_draft)

@@ -23,14 +23,16 @@ from qspec.backends.interface import Prepared, Timed
 from qspec.engine.cross_tokenizer import CrossTokenizerDrafter
 from qspec.engine.layerskip import LayerSkip
 from qspec.keys import key_of_cell
-from qspec.models.precisions import drafter_variant
+from qspec.models.precisions import drafter_variant, head_kind
 from qspec.plan import (
+    SAME_HEAD,
     SELF_DRAFT,
     Cell,
     drafts_for_itself,
     group_variants,
     groups,
     plan,
+    repeats_reference_head,
 )
 from qspec.records import GenerationRecord, Kind, Skip
 from qspec.stages.cell_figures import bare_record, cell_record
@@ -165,6 +167,10 @@ def _prepare(ctx: RunContext, r: CellRun, prompts: list[EncodedPrompt]) -> None:
         ctx.fault(cell)
     if drafts_for_itself(ctx.cfg, cell.target, cell.draft):
         raise Skip("unavailable", SELF_DRAFT)
+    if repeats_reference_head(ctx.cfg, cell.target, cell.draft, ctx.device.type):
+        raise Skip("unavailable", SAME_HEAD)
+    if cell.kind == Kind.HF_ASSISTED and head_kind(cell.draft) is not None:
+        raise Skip("unavailable", "transformers' assisted generation has no EAGLE head drafter")
     target = ctx.models.model("target", cell.target)
     if not prompts:
         raise Skip("unavailable", f"suite {cell.suite!r} declares no prompts")
@@ -175,6 +181,10 @@ def _prepare(ctx: RunContext, r: CellRun, prompts: list[EncodedPrompt]) -> None:
     # a layer-skip draft of the target, or the target's own variant drafting, adds no weights
     if draft_built is not None and draft_built.model is not target:
         r.own_weights += draft_built.weights_bytes or 0
+    if drafter is not None and drafter.target_layers:  # a head: its own weights, not the shared
+        r.own_weights += sum(  # embedding or LM head rows it reads from the target
+            p.numel() * p.element_size() for p in drafter.model.parameters()
+        )
     if drafter is not None and isinstance(drafter.model, LayerSkip):
         r.draft_skip = list(drafter.model.skip)
         if cell.kind == Kind.HF_ASSISTED:

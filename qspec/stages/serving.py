@@ -38,8 +38,13 @@ from qspec.backends.vllm_server import (
 from qspec.config import MAX_GAMMA
 from qspec.keys import key_of_serving
 from qspec.models.builders import saved_folder
-from qspec.models.precisions import MODEL_FREE_DRAFTER_NAMES, drafter_variant, parse_skip
-from qspec.plan import ServingCell, serving_plan
+from qspec.models.precisions import (
+    MODEL_FREE_DRAFTER_NAMES,
+    drafter_variant,
+    head_kind,
+    parse_skip,
+)
+from qspec.plan import SAME_HEAD, ServingCell, repeats_reference_head, serving_plan
 from qspec.records import ServingRecord, Skip
 from qspec.stages.context import RunContext
 from qspec.stages.serving_figures import level_records
@@ -347,6 +352,16 @@ def _server_spec(ctx: RunContext, target: str, draft: str | None, prompts) -> Se
             "num_speculative_tokens": gamma,
             "prompt_lookup_min": d.ngram_min,
             "prompt_lookup_max": d.ngram_max,
+        }
+    elif head_kind(draft) is not None:  # the head qspec trained (or the user's), as vLLM loads it
+        if repeats_reference_head(ctx.cfg, target, draft, ctx.device.type):
+            raise Skip("unavailable", SAME_HEAD)
+        folder = ctx.models.head(draft, target).folder
+        spec.speculative = {
+            "method": "eagle3",
+            "model": str(folder),
+            "num_speculative_tokens": gamma,
+            "draft_sample_method": v.draft_sample_method,
         }
     elif draft is not None:
         variant = drafter_variant(draft)
