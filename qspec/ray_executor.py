@@ -208,8 +208,8 @@ def work_in_worker(
 
     from qspec.environment import quiet_transformers
     from qspec.models.variants import Models
-    from qspec.runner import corpus_texts
     from qspec.progress import Progress
+    from qspec.runner import corpus_texts
     from qspec.stages import STAGES
 
     if threads is not None:
