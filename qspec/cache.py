@@ -28,6 +28,7 @@ KINDS = {
     "random-models": "random-weight models of realistic size built by benchmarks/engine.py",
     "skip-search": "layer-skip search results, one JSON file each",
     "heads": "EAGLE-3 draft heads trained by qspec, one per target variant, text and settings",
+    "compressed": "compressed-tensors checkpoints built by llm-compressor (W8A8, FP8, W4A16)",
 }
 STAMP = ".qspec-last-used"
 SOURCE = "qspec-source.json"  # written last into a model entry: the entry is finished

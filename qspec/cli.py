@@ -45,6 +45,7 @@ def _evaluate(args) -> int:
         suites = [load_suite(name, extra) for name in cfg.suites]
         _check_hub(suites)
         _check_heads(cfg)
+        _check_quant(cfg)
         _check_engines(cfg, probes)
     except (ConfigError, SuiteError) as err:
         print(f"qspec: {err}", file=sys.stderr)
@@ -113,6 +114,29 @@ def _check_heads(cfg) -> None:
         problems = user_head_problems(name.removeprefix(HEAD_USER), target)
         if problems:
             raise ConfigError(f"{key}: {name}: " + "; ".join(problems))
+
+
+def _check_quant(cfg) -> None:
+    """A compressed-tensors precision needs llm-compressor's own venv to build: its absence
+    fails now, naming the fix (a checkpoint already in the cache needs no build, but the
+    venv is asked for all the same: a fresh machine would need it)."""
+    from qspec.models.precisions import COMPRESSED
+
+    named = [
+        *cfg.target.precisions,
+        *cfg.quality.variants,
+        *cfg.draft.precisions,
+        *cfg.vllm.targets,
+        *cfg.vllm.drafts,
+    ]
+    wanted = sorted({p.removeprefix("self:") for p in named} & set(COMPRESSED))
+    if not wanted:
+        return
+    from qspec.models.compressed_build import quant_problem
+
+    problem = quant_problem()
+    if problem:
+        raise ConfigError(f"precisions {', '.join(wanted)} are built by llm-compressor: {problem}")
 
 
 def _check_hub(suites) -> None:

@@ -19,7 +19,12 @@ from pathlib import Path
 import torch
 
 from qspec import cache
-from qspec.models.precisions import FIDELITY, PRECISION_NAMES, reference_precision  # noqa: F401
+from qspec.models.precisions import (  # noqa: F401
+    COMPRESSED,
+    FIDELITY,
+    PRECISION_NAMES,
+    reference_precision,
+)
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -144,7 +149,30 @@ def saved_folder(precision: str, ctx: BuildContext) -> Path | None:
     if precision == "gptq-int4":
         out = gptq_entry(ctx)[0]
         return out if (out / "qspec-source.json").exists() else None
+    if precision in COMPRESSED:
+        from qspec.models.compressed_build import saved
+
+        return saved(ctx.location, precision, ctx.calibration_texts)
     return None
+
+
+def _compressed(scheme: str) -> Callable[[BuildContext], torch.nn.Module]:
+    """An llm-compressor checkpoint (built once, cached), run with the scheme's numerics: its
+    weights dequantized as stored, and for W8A8 / FP8 each quantized linear's input
+    quantize-dequantized per token as vLLM's kernels quantize it (compressed.py)."""
+
+    def build(ctx: BuildContext):
+        from qspec.models.compressed import load_compressed
+        from qspec.models.compressed_build import built_folder
+
+        if scheme != "fp8" and not ctx.calibration_texts:
+            raise VariantUnavailable(f"{scheme} needs calibration text (a suite with a corpus)")
+        folder = built_folder(ctx.location, scheme, ctx.calibration_texts)
+        model, info = load_compressed(folder, ctx.device, dtype=_compute_dtype(ctx))
+        model.qspec_format = {**info, "builder": "llm-compressor", "folder": str(folder)}
+        return model
+
+    return build
 
 
 def calibration_summary(texts: list[str]) -> dict:
@@ -192,6 +220,7 @@ PRECISIONS: dict[str, Callable[[BuildContext], torch.nn.Module]] = {
     "nf4": _build_4bit("nf4"),
     "fp4": _build_4bit("fp4"),
     "gptq-int4": build_gptq_int4,
+    **{scheme: _compressed(scheme) for scheme in COMPRESSED},
 }
 assert tuple(PRECISIONS) == PRECISION_NAMES, "precisions.PRECISION_NAMES lists every builder"
 
@@ -231,7 +260,17 @@ def own_storage(model: torch.nn.Module) -> None:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer as stored (packed 4-bit, int8 + scales), tied ones once."""
+    """Bytes of every parameter and buffer as stored (packed 4-bit, int8 + scales), tied ones once;
+    a compressed-tensors variant counts its quantized weights as its checkpoint stores them (qspec
+    runs them dequantized: compressed.py)."""
+    fmt = getattr(model, "qspec_format", None)
+    if fmt is not None:
+        loaded = _loaded_bytes(model)
+        return loaded - fmt["quantized_loaded_bytes"] + fmt["quantized_weight_bytes"]
+    return _loaded_bytes(model)
+
+
+def _loaded_bytes(model: torch.nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     tensors = list(model.parameters()) + list(model.buffers())

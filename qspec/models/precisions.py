@@ -9,7 +9,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-PRECISION_NAMES = ("fp32", "bf16", "fp16", "int8", "int8-t0", "nf4", "fp4", "gptq-int4")
+PRECISION_NAMES = (
+    "fp32",
+    "bf16",
+    "fp16",
+    "int8",
+    "int8-t0",
+    "nf4",
+    "fp4",
+    "gptq-int4",
+    # compressed-tensors checkpoints made by llm-compressor, what vLLM users deploy
+    "w8a8",
+    "fp8",
+    "w4a16",
+    "awq-w4a16",
+)
+# built by llm-compressor in the quantization venv (models/compressed_build.py)
+COMPRESSED = ("w8a8", "fp8", "w4a16", "awq-w4a16")
 MODEL_FREE_DRAFTER_NAMES = ("ngram",)
 
 # Higher rank = closer to the original weights; the reference is the best built target.
@@ -21,7 +37,11 @@ FIDELITY = {
     "fp16": 5,
     "int8": 4,
     "int8-t0": 3.5,
+    "w8a8": 3.8,  # int8 weights per channel, int8 activations per token (SmoothQuant)
+    "fp8": 3.9,
     "gptq-int4": 3,
+    "w4a16": 3,
+    "awq-w4a16": 3,
     "nf4": 2,
     "fp4": 1,
 }

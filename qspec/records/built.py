@@ -30,6 +30,17 @@ class VariantRecord(Record):
     model_note: str = ""  # provenance of the weights, shown in the report
     weights_bytes: int | None = None
     build_s: float | None = None
+    # how it is quantized and what runs it in qspec's loop: scheme (w8a8, fp8, w4a16, ...),
+    # format (compressed-tensors' int-quantized, float-quantized, pack-quantized), builder
+    # (llm-compressor, gptqmodel, bitsandbytes, transformers), numerics ("kernels": the format's
+    # own, or "simulated": weights dequantized as stored and, for A8 schemes, each quantized
+    # linear's input quantize-dequantized per token), and the builder's record (recipe,
+    # library versions, calibration text hash)
+    scheme: str | None = None
+    format: str | None = None
+    builder: str | None = None
+    numerics: str | None = None
+    build_record: dict | None = None
     # one (gamma+1)-token forward vs gamma+1 one-token forwards (measure/invariance.py): a target
     # must be batch-invariant for greedy speculative output to equal its own
     batch_invariant: bool | None = None

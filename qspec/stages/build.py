@@ -33,6 +33,7 @@ def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
             error=built.error,
             weights_bytes=built.weights_bytes,
             build_s=built.build_s,
+            **format_of(precision, built.model),
         )
         if built.model is not None:
             tokenizer = models.tokenizer_of(role)
@@ -43,6 +44,22 @@ def build_variants(ctx: RunContext) -> Iterator[VariantRecord]:
                 rec.batch_invariant = rec.batch_invariance.batch_invariant
                 ctx.invariance[(ref.ref, precision)] = rec.batch_invariance
         yield rec
+
+
+BUILDERS = {"int8": "bitsandbytes", "int8-t0": "bitsandbytes", "nf4": "bitsandbytes"}
+BUILDERS.update({"fp4": "bitsandbytes", "gptq-int4": "gptqmodel"})
+
+
+def format_of(precision: str, model) -> dict:
+    """A variant's scheme, format, builder and numerics, as its record says them."""
+    fmt = getattr(model, "qspec_format", None)
+    if fmt is not None:  # a compressed-tensors checkpoint (models/compressed.py)
+        keys = ("scheme", "format", "builder", "numerics")
+        return {**{k: fmt.get(k) for k in keys}, "build_record": fmt.get("build")}
+    if model is None:
+        return {}
+    builder = BUILDERS.get(precision, "transformers")
+    return {"scheme": precision, "builder": builder, "numerics": "kernels"}
 
 
 def build_heads(ctx: RunContext) -> Iterator[HeadRecord]:

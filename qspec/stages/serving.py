@@ -55,6 +55,15 @@ log = logging.getLogger("qspec")
 QUANTIZED_AT_LOAD = {"int8": "bitsandbytes", "int8-t0": "bitsandbytes", "nf4": "bitsandbytes"}
 QUANTIZED_AT_LOAD["fp4"] = "bitsandbytes"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+# vLLM's CPU int4 kernel (cpu_gemm_wna16) takes bf16 activations only ("not implemented for
+# 'Float'"): an int4 checkpoint is served in bf16, and only where that kernel exists (AVX-512)
+INT4 = ("gptq-int4", "w4a16", "awq-w4a16")
+DTYPES.update({p: "bfloat16" for p in ("w4a16", "awq-w4a16")})
+NO_CPU_FP8 = (
+    "this CPU has no AMX, where vLLM's CPU build has its FP8 kernel; it serves FP8 through a "
+    "torch._scaled_mm fallback instead (measured on an AVX-512 Xeon: 0.8-0.95 tokens/s, about "
+    "15x slower than W8A8 on the same machine), which is not the format's speed"
+)
 TOGETHER, ONE_AT_A_TIME = "together", "one at a time"
 GPU_SHARE = 0.9  # of the device's memory, at most, for the servers of one target together
 GIB = 1 << 30
@@ -331,8 +340,10 @@ def _server_spec(ctx: RunContext, target: str, draft: str | None, prompts) -> Se
     draft_variant = drafter_variant(draft) if draft is not None else None
     served = {target, draft_variant[1] if draft_variant else None}
     no_gptq = ctx.vllm_probes.probe(vllm_python(v.python)).no_gptq
-    if no_gptq and "gptq-int4" in served:  # known before a server is started for nothing
+    if no_gptq and served & set(INT4):  # known before a server is started for nothing
         raise Skip("unavailable", no_gptq)
+    if "fp8" in served and ctx.device.type == "cpu" and not _has_amx():
+        raise Skip("unavailable", NO_CPU_FP8)
     folder, dtype, quantization = _served_files(ctx, "target", target)
     spec = ServerSpec(
         name=f"{target}+{draft or 'alone'}",
@@ -395,7 +406,7 @@ def _served_files(ctx: RunContext, role: str, precision: str) -> tuple[str, str,
     bctx = ctx.models.build_context(role)
     if precision in QUANTIZED_AT_LOAD:
         return bctx.location, "float32", QUANTIZED_AT_LOAD[precision]
-    if precision == "gptq-int4":  # built (or found in the cache) by qspec, loaded by vLLM
+    if precision in (*INT4, "w8a8", "fp8"):  # built (or found in the cache) by qspec
         built = ctx.models.build(role, precision)
         if built.status != "ok":
             raise Skip(built.status, f"{role} {precision}: {built.error}")
@@ -404,6 +415,13 @@ def _served_files(ctx: RunContext, role: str, precision: str) -> tuple[str, str,
         raise Skip("unavailable", f"{role} {precision} has no saved weights for vLLM to load")
     dtype = DTYPES.get(precision, v.dtype if precision == "fp32" else "auto")
     return str(folder), dtype, None
+
+
+def _has_amx() -> bool:
+    try:
+        return "amx_tile" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
 
 
 def _model_len(ctx: RunContext, prompts) -> int:

@@ -55,6 +55,7 @@ def build(run: Run) -> dict:
         )
     notes = {v.model_note for v in run.variants}
     return {
+        "formats": formats(run),
         "rows": rows,
         "tasks": tasks,
         "task_lossless": run.task_lossless,
@@ -70,6 +71,60 @@ def build(run: Run) -> dict:
         "tests": {"ppl": PPL_TEST, "task": TASK_TEST},
         "positions": sorted({q.positions for q in run.quality if q.positions is not None}),
     }
+
+
+def formats(run: Run) -> list[dict]:
+    """Per built variant: its scheme, format, builder and the numerics qspec's loop ran it
+    with; the engines that ran it; and where both did, how far their greedy tokens agree."""
+    out = []
+    for v in run.variants:
+        if not v.ok or v.model != run.target_ref:
+            continue
+        in_loop = any(c.target == v.precision and c.is_engine for c in run.ok)
+        served = [r for r in run.serving if r.ok and r.target == v.precision and r.draft is None]
+        engines = (["qspec's loop"] if in_loop else []) + (["vLLM"] if served else [])
+        out.append(
+            {
+                "v": v,
+                "engines": engines,
+                "agreement": engines_agreement(run, v.precision, served),
+                "recipe": (v.build_record or {}).get("recipe"),
+                "calibration": ((v.build_record or {}).get("calibration") or {}).get("sha256"),
+                "versions": (v.build_record or {}).get("versions"),
+            }
+        )
+    return out
+
+
+def engines_agreement(run: Run, target: str, served) -> dict | None:
+    """qspec's greedy tokens against vLLM's for the same checkpoint and prompts (the target
+    alone at vLLM's lowest level): the share of tokens before the first difference, per prompt
+    averaged, and where the first differences fall."""
+    mine = next(
+        (
+            c
+            for c in run.ok
+            if c.kind == "target_only" and c.target == target and c.mode == "greedy"
+        ),
+        None,
+    )
+    theirs = min(
+        (r for r in served if r.mode == "greedy"), key=lambda r: r.concurrency, default=None
+    )
+    if mine is None or theirs is None or not theirs.outputs:
+        return None
+    shares, first = [], []
+    for o in mine.outputs:
+        other = theirs.outputs.get(o.id)
+        if other is None or not o.tokens:
+            continue
+        n = next((i for i, (a, b) in enumerate(zip(o.tokens, other, strict=False)) if a != b), None)
+        same = min(len(o.tokens), len(other)) if n is None else n
+        shares.append(same / len(o.tokens))
+        first.append(n)
+    if not shares:
+        return None
+    return {"share": sum(shares) / len(shares), "prompts": len(shares), "first_difference": first}
 
 
 def _variant_pos(variants: list[str], v: str) -> float:
