@@ -42,6 +42,26 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, samples: int =
     }
 
 
+def read_bandwidth(device: torch.device, nbytes: int = 256 << 20, samples: int = 7) -> dict:
+    """Median GB/s of reading an nbytes buffer once (a sum over it): the bound of a decode
+    step, which reads its weights and writes almost nothing. On some machines it is well
+    above the copy bandwidth (a copy also writes, and allocates the lines it writes)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    src.sum()  # warm-up
+    seconds = []
+    for _ in range(samples):
+        sync(device)
+        t = time.perf_counter()
+        src.sum()
+        sync(device)
+        seconds.append(time.perf_counter() - t)
+    del src
+    return {
+        "read_gbps": nbytes / statistics.median(seconds) / 1e9,
+        "read_method": f"median of {samples} sums over a {nbytes >> 20} MiB fp32 buffer",
+    }
+
+
 def roofline(
     kind: str, bytes_per_step: int | None, step_seconds: list[float], bandwidth
 ) -> dict | None:
