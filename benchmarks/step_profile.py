@@ -91,14 +91,15 @@ def profiled(kv, ids: torch.Tensor, steps: int) -> dict:
         cat = category(e.key)
         by_cat[cat] += e.self_cpu_time_total
         kernels[cat][e.key] += e.self_cpu_time_total
-    return {"self_us": dict(by_cat), "kernels": kernels}
+    return {"self_us": dict(by_cat), "kernels": kernels, "steps": steps}
 
 
 def report(title: str, wall: list[float], prof: dict, weights: int, bw: dict) -> None:
     p50 = statistics.median(wall)
-    self_total = sum(prof["self_us"].values()) / 1e6 / max(1, len(wall))
+    per = prof["steps"]  # op times are summed over the profiled steps
+    self_total = sum(prof["self_us"].values()) / 1e6 / per
     print(f"\n{title}: p50 {p50 * 1e3:.1f} ms over {len(wall)} steps")
-    shares = {c: s / 1e6 / len(wall) for c, s in prof["self_us"].items()}
+    shares = {c: s / 1e6 / per for c, s in prof["self_us"].items()}
     # time outside every op's self time: Python, dispatch, the profiler's own bookkeeping
     outside = max(0.0, p50 - self_total)
     rows = sorted(shares.items(), key=lambda kv: -kv[1]) + [("outside ops (Python)", outside)]
