@@ -144,7 +144,7 @@ def _served(draft, speed, tokens_of=lambda p: [1, 2, 3, 4]):
     counters = {k: SpecCounters(10, 30, 20, (8, 7, 5), True) for k in levels} if draft else {}
     return SimpleNamespace(
         draft=draft, cells=cells, spec=None, status="ok", error=None, log_tail=[], levels=levels,
-        counters=counters, refused={},
+        counters=counters, refused={}, qspec_loop={},
     )  # fmt: skip
 
 
@@ -233,7 +233,7 @@ def test_serving_plan_and_keys():
         ({"concurrency": [0]}, "vllm.concurrency"),
         ({"url": "localhost:8000"}, "vllm.url"),
         ({"drafts": ["int3"]}, "vllm.drafts"),
-        ({"targets": ["fp8"]}, "vllm.targets"),
+        ({"targets": ["fp7"]}, "vllm.targets"),
         ({"port": 1}, "vllm.port"),
     ],
 )
@@ -643,7 +643,7 @@ def test_released_models_are_built_again_on_demand(monkeypatch):
     monkeypatch.setattr(variants, "build", build)
     models = variants.Models.__new__(variants.Models)  # without resolving real references
     models.cfg, models.device, models.calibration = parse_config({}), torch.device("cpu"), []
-    models.built, models.errors = {}, {}
+    models.built, models.errors, models.heads = {}, {}, {}
     models.target_ref = SimpleNamespace(ref="m", location="/nowhere")
     first = models.build("target", "fp32")
     models.built[("m", "nf4")] = variants.Built(None, "unavailable", "no bitsandbytes")
@@ -686,3 +686,22 @@ def test_a_broken_cpu_sampler_is_probed_and_its_sampled_pairings_are_unavailable
     )
     assert serving.refused_modes(ctx, None) == {}
     assert set(serving.refused_modes(ctx, "ngram")) == {"sample"}
+
+
+def test_qspec_over_vllm_at_one_request_is_paired_by_repeat():
+    """qspec's loop timed between vLLM's passes: its tokens/s over vLLM's output tokens/s of
+    the same repeat, geometric mean with a t interval over repeats."""
+    from qspec.stages.serving_figures import _loops
+
+    def request(tokens):
+        return SimpleNamespace(ok=True, tokens=[1] * tokens)
+
+    # vLLM's passes: 10, 12, 11 output tokens/s (one request of that many tokens, 1 s)
+    load = LevelLoad(((request(10),), (request(12),), (request(11),)), (1.0, 1.0, 1.0))
+    f = _loops(load, {0: (40, 2.0), 1: (40, 2.0), 2: (44, 2.0)})  # 20, 20, 22 tokens/s
+    assert f["qspec_over_vllm_pairs"] == 3
+    ratios = [2.0, 20 / 12, 2.0]
+    expected = (ratios[0] * ratios[1] * ratios[2]) ** (1 / 3)
+    assert f["qspec_over_vllm"] == pytest.approx(expected)
+    low, high = f["qspec_over_vllm_ci95"]
+    assert low < expected < high

@@ -96,4 +96,11 @@ class ServingRecord(Record):
     # greedy: this server's tokens at this level equal to its own at the lowest level (vLLM's
     # batched kernels need not be batch-invariant)
     same_as_lowest_concurrency: bool | None = None
-    outputs: dict[str, list[int]] = {}  # prompt id -> greedy tokens at this level (repeat 0)
+    outputs: dict[str, list[int]] = {}
+    # the target alone at the lowest level, greedy, on a CPU: qspec's own loop on the same
+    # prompts, timed between vLLM's passes (tokens/s over the prompts, one request at a time),
+    # and its ratio to vLLM's output tokens/s, paired by repeat (n = repeats)
+    qspec_tokens_per_s: float | None = None
+    qspec_over_vllm: float | None = None
+    qspec_over_vllm_ci95: list[float] | None = None
+    qspec_over_vllm_pairs: int | None = None  # prompt id -> greedy tokens at this level (repeat 0)

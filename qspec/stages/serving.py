@@ -86,6 +86,9 @@ class Served:
     counters: dict[tuple[str, int], SpecCounters] = field(default_factory=dict)
     # modes this pairing is not measured in, and why (vLLM's own defect on this device)
     refused: dict[str, str] = field(default_factory=dict)
+    # the target alone: qspec's own loop on the same prompts, greedy, one request at a time,
+    # timed between this server's repeats at the lowest level (repeat -> (tokens, seconds))
+    qspec_loop: dict[int, tuple[int, float]] = field(default_factory=dict)
 
     def fail(self, status: str, error: str, log_tail: list[str] | None = None) -> None:
         self.status, self.error = status, error
@@ -158,6 +161,8 @@ def _measure_target(ctx: RunContext, suite: str, target: str, group, todo: set, 
                         for s in served:
                             if s.status == "ok":
                                 _sweep(ctx, s, mode, level, repeat, prompts)
+                        if mode == "greedy" and level == min(v.concurrency):
+                            _qspec_alone(ctx, served[0], target, repeat, prompts)
     finally:
         for s in served:
             if s.server is not None:
@@ -494,6 +499,26 @@ def _sweep(ctx: RunContext, s: Served, mode: str, level: int, repeat: int, promp
         return s.fail("failed", _death(s, mode, level, repeat, done.results[0].error))
     s.levels.setdefault((mode, level), []).append(done)
     s.counters[(mode, level)] = s.counters.get((mode, level), SpecCounters()) + delta
+
+
+def _qspec_alone(ctx: RunContext, s: Served, target: str, repeat: int, prompts) -> None:
+    """qspec's own loop over the same prompts, the target alone, greedy, between vLLM's passes
+    at one request: the two engines timed in one stretch of time (qspec / vLLM at c = 1). On
+    a CPU only: on a GPU qspec's models were released for the servers."""
+    if s.draft is not None or s.status != "ok" or ctx.device.type != "cpu" or ctx.cfg.vllm.url:
+        return
+    from qspec.engine.loop import generate
+
+    try:
+        model = ctx.models.model("target", target)
+        eos = frozenset(s.stop)
+        tokens = seconds = 0
+        for p in prompts:
+            g = generate(model, p.ids, max_new_tokens=p.max_new_tokens, eos_ids=eos)
+            tokens, seconds = tokens + len(g.tokens), seconds + g.total_s
+        s.qspec_loop[repeat] = (tokens, seconds)
+    except Exception as err:  # noqa: BLE001 - a missing comparison never costs the sweep
+        log.warning("qspec's loop beside vLLM failed for %s: %s", target, err)
 
 
 def _death(s: Served, mode: str, level: int, repeat: int, why: str | None) -> str:

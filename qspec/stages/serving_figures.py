@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from qspec.measure.concurrency import LevelLoad, engine_acceptance, paired_by_repeat
+from qspec.measure.stats import ratio_interval
 from qspec.records import ServingRecord
 
 
@@ -52,6 +53,8 @@ def level_records(ctx, s, base, prompts, meta: dict) -> Iterator[ServingRecord]:
             if v.url is not None:
                 f["gamma"] = counters.gamma
                 f["method"] = "as served"
+        if c.mode == "greedy" and c.concurrency == lowest and s.draft is None and s.qspec_loop:
+            f.update(_loops(load, s.qspec_loop))
         if c.mode == "greedy":
             f["outputs"] = _outputs(levels[0], prompts)
             first = s.levels.get((c.mode, lowest))
@@ -64,6 +67,27 @@ def level_records(ctx, s, base, prompts, meta: dict) -> Iterator[ServingRecord]:
                 bad = _mismatches(levels[0], baseline[0], prompts)
                 f["lossless"], f["lossless_mismatches"] = not bad, bad
         yield ServingRecord(**{**common, **f})
+
+
+def _loops(load: LevelLoad, qspec: dict[int, tuple[int, float]]) -> dict:
+    """qspec's loop over vLLM at this level (one request at a time), paired by repeat: qspec's
+    tokens/s over the prompts against vLLM's output tokens/s of the same repeat."""
+    theirs = load.totals_per_s()
+    ratios = [
+        (tokens / seconds) / theirs[r]
+        for r, (tokens, seconds) in qspec.items()
+        if seconds > 0 and r < len(theirs) and theirs[r] > 0
+    ]
+    if not ratios:
+        return {}
+    mean, low, high = ratio_interval(ratios)
+    rates = [tokens / seconds for tokens, seconds in qspec.values() if seconds > 0]
+    return {
+        "qspec_tokens_per_s": ratio_interval(rates)[0],
+        "qspec_over_vllm": mean,
+        "qspec_over_vllm_ci95": [low, high] if low is not None else None,
+        "qspec_over_vllm_pairs": len(ratios),
+    }
 
 
 def _outputs(level, prompts) -> dict[str, list[int]]:

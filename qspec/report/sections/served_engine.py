@@ -181,6 +181,8 @@ def build(run: Run) -> dict | None:
             for m in modes
         ],
         "side_by_side": side_by_side(run, records),
+        # qspec's loop against vLLM, the target alone at one request, paired by repeat
+        "loops": [r for r in records if r.ok and r.qspec_over_vllm is not None],
         "failed": [r for r in records if not r.ok],
         # vLLM's own sampler defect on this device, probed at the start (vllm_server.py)
         "sampler_defect": next(
