@@ -36,9 +36,6 @@ PRIOR = {
     "task_lossless": 7.0,
 }
 DEFAULT_PRIOR = 15.0
-# records closer together than this were yielded at once (a generation group, a served
-# target's sweep): their time is shared among them
-BATCH_GAP_S = 0.5
 
 
 def item_kind(record) -> str:
@@ -50,101 +47,117 @@ def item_kind(record) -> str:
 
 
 class Eta:
-    """Feed it each written record (`seen`); `left()` is the estimate in seconds, or None."""
+    """Feed it each written record (`seen`); `left()` is the estimate in seconds, or None.
+
+    Items planned in one batch (plan.Planned.batch: a generation cell group, a served target's
+    sweep) are measured together and yielded at once: when the first of them arrives, the time
+    since the previous item is shared by the whole batch, and none of it is still to come.
+    """
 
     def __init__(self, planned: list, done: Callable[[str], bool], clock=time.monotonic):
         self.clock = clock
         self.last = clock()
-        # planned items still to come: key (and stage key) -> the item's kind
+        # planned items still to come: key (and stage key) -> the item's id
         self.todo: dict[str, str] = {}
         self.items: dict[str, set[str]] = {}  # an item's id -> its keys, in plan order
         self.kind_of: dict[str, str] = {}
+        self.batch_of: dict[str, str | None] = {}
         for p in planned:
             if any(done(k) for k in p.keys):
                 continue
             ident = min(p.keys)
             self.items[ident], self.kind_of[ident] = set(p.keys), item_kind(p.record)
+            self.batch_of[ident] = getattr(p, "batch", None)
             for k in p.keys:
                 self.todo[k] = ident
-        self.spent: dict[str, float] = {}  # seconds charged per kind (closed batches)
+        self.spent: dict[str, float] = {}  # seconds charged per kind
         self.count: Counter = Counter()
-        self.batch: list[str] = []  # the kinds of the records that arrived together just now
-        self.batch_s = 0.0
-        self.timeline: list[tuple[str, float]] = []  # (kind, seconds) of each finished item
+        # (kind, seconds, batch) of each finished item, a batch's time shared by its items
+        self.timeline: list[tuple[str, float, str | None]] = []
 
     def seen(self, record) -> None:
         ident = next((self.todo[k] for k in (record.key, record.stage_key) if k in self.todo), None)
         if ident is None:
             return
-        for k in self.items.pop(ident):
-            self.todo.pop(k, None)
+        batch = self.batch_of[ident]
+        group = [ident] + [
+            i for i in self.items if i != ident and batch and self.batch_of[i] == batch
+        ]
         now = self.clock()
-        kind, gap = self.kind_of[ident], now - self.last
+        share = (now - self.last) / len(group)
         self.last = now
-        if self.batch and gap < BATCH_GAP_S:  # one more of the records a stage yields at once
-            del self.timeline[-len(self.batch) :]
-            self.batch.append(kind)
-            self.batch_s += gap
-        else:
-            self._close()
-            self.batch, self.batch_s = [kind], gap
-        # a batch's time is shared by its items: a group's cells all ran in that time
-        share = self.batch_s / len(self.batch)
-        self.timeline += [(k, round(share, 3)) for k in self.batch]
-
-    def _close(self) -> None:
-        share = self.batch_s / len(self.batch) if self.batch else 0.0
-        for k in self.batch:
-            self.spent[k] = self.spent.get(k, 0.0) + share
-            self.count[k] += 1
-
-    def _rates(self) -> tuple[dict[str, float], Counter]:
-        spent, count = dict(self.spent), Counter(self.count)
-        for k in self.batch:
-            spent[k] = spent.get(k, 0.0) + self.batch_s / len(self.batch)
-            count[k] += 1
-        return spent, count
+        for i in group:
+            for k in self.items.pop(i):
+                self.todo.pop(k, None)
+            kind = self.kind_of[i]
+            self.spent[kind] = self.spent.get(kind, 0.0) + share
+            self.count[kind] += 1
+            self.timeline.append((kind, round(share, 3), batch))
 
     def left(self) -> float | None:
-        spent, count = self._rates()
-        if not count:
+        if not self.count:
             return None
         # how this machine compares with the priors' one; builds say little (a cached build
         # takes seconds, a first one minutes): until anything else has finished, the priors
-        timed = [k for k in count if not k.startswith("variant")]
-        prior_done = sum(PRIOR.get(k, DEFAULT_PRIOR) * count[k] for k in timed)
-        scale = sum(spent[k] for k in timed) / prior_done if prior_done else 1.0
+        timed = [k for k in self.count if not k.startswith("variant")]
+        prior_done = sum(PRIOR.get(k, DEFAULT_PRIOR) * self.count[k] for k in timed)
+        scale = sum(self.spent[k] for k in timed) / prior_done if prior_done else 1.0
         costs = []
         for ident in self.items:
             kind = self.kind_of[ident]
-            known = count[kind]
-            costs.append(spent[kind] / known if known else PRIOR.get(kind, DEFAULT_PRIOR) * scale)
+            known = self.count[kind]
+            mean = self.spent[kind] / known if known else PRIOR.get(kind, DEFAULT_PRIOR) * scale
+            costs.append(mean)
         if not costs:
             return 0.0
-        # the item under way has run for a while already
-        return sum(costs) - min(costs[0], self.clock() - self.last)
+        # the work under way (the next item, or the whole batch it belongs to) has run a while
+        first = next(iter(self.items))
+        batch = self.batch_of[first]
+        under_way = sum(
+            c
+            for i, c in zip(self.items, costs, strict=True)
+            if i == first or (batch and self.batch_of[i] == batch)
+        )
+        return sum(costs) - min(under_way, self.clock() - self.last)
 
 
-def replay(timeline: list[tuple[str, float]]) -> list[tuple[float, float, float | None]]:
-    """(elapsed, true time left, estimate) after each item of a recorded run's timeline: how
-    far the estimate was off, as a user watching that run would have seen it."""
+def replay(timeline: list) -> list[tuple[float, float, float | None]]:
+    """(elapsed, true time left, estimate) after each item of a recorded run's timeline, as a
+    user watching that run would have seen it. Entries are (kind, seconds) or (kind, seconds,
+    batch): a batch's items arrive together, when its whole time has passed."""
     from types import SimpleNamespace
 
+    entries = [(e[0], e[1], e[2] if len(e) > 2 else None) for e in timeline]
+    if all(len(e) == 2 for e in timeline):  # an older timeline: records within half a second
+        entries = _inferred_batches(entries)  # of the one before came with it
     now = [0.0]
-    planned = [
-        SimpleNamespace(keys={f"k{i}"}, record=SimpleNamespace(kind=kind, precision=None))
-        for i, (kind, _) in enumerate(timeline)
-    ]
-    for p, (kind, _) in zip(planned, timeline, strict=True):
-        if kind == "variant gptq-int4":
-            p.record = SimpleNamespace(kind="variant", precision="gptq-int4")
+    planned = []
+    for i, (kind, _, batch) in enumerate(entries):
+        precision = "gptq-int4" if kind == "variant gptq-int4" else None
+        rec = SimpleNamespace(kind="variant" if precision else kind, precision=precision)
+        planned.append(SimpleNamespace(keys={f"k{i:05d}"}, record=rec, batch=batch))
     eta = Eta(planned, lambda k: False, clock=lambda: now[0])
-    total = sum(s for _, s in timeline)
-    out = []
-    for i, (_, seconds) in enumerate(timeline):
-        now[0] += seconds
-        eta.seen(SimpleNamespace(key=f"k{i}", stage_key=None))
-        last_of_batch = i + 1 == len(timeline) or timeline[i + 1][1] >= BATCH_GAP_S
-        if last_of_batch:  # what the terminal shows once the records that came together are in
-            out.append((now[0], total - now[0], eta.left()))
+    total = sum(s for _, s, _ in entries)
+    out, i = [], 0
+    while i < len(entries):
+        batch = entries[i][2]
+        j = i + 1
+        while batch is not None and j < len(entries) and entries[j][2] == batch:
+            j += 1
+        now[0] += sum(s for _, s, _ in entries[i:j])  # the batch's items arrive together
+        for k in range(i, j):
+            eta.seen(SimpleNamespace(key=f"k{k:05d}", stage_key=None))
+        out.append((now[0], total - now[0], eta.left()))
+        i = j
+    return out
+
+
+def _inferred_batches(entries: list[tuple]) -> list[tuple]:
+    """Batches of a timeline recorded before they were planned: an item that finished within
+    half a second of the one before it was yielded with it."""
+    out, batch = [], 0
+    for i, (kind, seconds, _) in enumerate(entries):
+        if i == 0 or seconds >= 0.5:
+            batch += 1
+        out.append((kind, seconds, f"b{batch}"))
     return out

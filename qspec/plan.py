@@ -245,6 +245,9 @@ class Planned:
     stage: str  # the job's stage: variants, quality, generation, tasks
     target: str | None  # the target variant whose job writes it (generation, tasks)
     record: Record  # coordinates, key and stage key; status failed
+    # the records a stage measures together and yields at once (a cell group, a served target's
+    # sweep): the run's time left knows they all arrive when the first does (eta.py)
+    batch: str | None = None
 
     @property
     def keys(self) -> set[str]:
@@ -290,10 +293,12 @@ def planned(cfg: RunConfig, suites: list[SuitePlan], device: str, versions: dict
     for cell in plan(cfg, [s.name for s in suites], device):
         key = key_of_cell(cell, cfg, device, versions)
         rec = GenerationRecord(key=key, **cell.coordinates(), **failed)
-        out.append(Planned("generation", cell.target, rec))
+        batch = f"generation {cell.suite} {cell.target} {cell.mode}"
+        out.append(Planned("generation", cell.target, rec, batch))
     for cell in serving_plan(cfg, [s.name for s in suites]):
         key = key_of_serving(cell, cfg, device, versions)
-        out.append(Planned("serving", None, ServingRecord(key=key, **cell.coordinates(), **failed)))
+        rec = ServingRecord(key=key, **cell.coordinates(), **failed)
+        out.append(Planned("serving", None, rec, f"serving {cell.suite} {cell.target}"))
     if cfg.tasks.enabled:
         out += _planned_tasks(cfg, suites, device, versions)
     return out

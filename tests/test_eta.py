@@ -19,17 +19,18 @@ TIMELINES = [DATA / "timeline-default.json", DATA / "timeline-default-amd.json"]
 BUILDS = ("variant", "variant gptq-int4")
 
 
-def _planned(kinds):
+def _planned(kinds, batches=None):
+    batches = batches or [None] * len(kinds)
     return [
-        SimpleNamespace(keys={f"k{i}"}, record=SimpleNamespace(kind=k, precision=None))
-        for i, k in enumerate(kinds)
+        SimpleNamespace(keys={f"k{i}"}, record=SimpleNamespace(kind=k, precision=None), batch=b)
+        for i, (k, b) in enumerate(zip(kinds, batches, strict=True))
     ]
 
 
 def test_no_estimate_before_anything_finished_and_resume_skips_stored_items():
     now = [0.0]
-    eta = Eta(_planned(["variant", "speculative", "speculative", "task"]), lambda k: k == "k0",
-              clock=lambda: now[0])  # fmt: skip
+    kinds = ["variant", "speculative", "speculative", "task"]
+    eta = Eta(_planned(kinds), lambda k: k == "k0", clock=lambda: now[0])
     assert eta.left() is None
     now[0] = 10.0
     eta.seen(SimpleNamespace(key="k1", stage_key=None))
@@ -39,11 +40,25 @@ def test_no_estimate_before_anything_finished_and_resume_skips_stored_items():
     eta.seen(SimpleNamespace(key="k1", stage_key=None))  # a second record of a finished item
     eta.seen(SimpleNamespace(key="nope", stage_key=None))  # not planned
     assert eta.left() == pytest.approx(left)
-    assert eta.timeline == [("speculative", 10.0)]
-    now[0] = 10.1  # a second cell yielded with the first (one group): the 10 s are shared
+    assert eta.timeline == [("speculative", 10.0, None)]
+
+
+def test_a_batch_arrives_whole_with_its_first_record():
+    """A served target's levels are measured together and yielded at the end of its sweep:
+    when the first arrives, its time is shared by all, and none of them is still to come
+    (the old estimate charged the first the whole sweep and said 3x too much until the rest
+    arrived)."""
+    now = [0.0]
+    kinds = ["serving"] * 4 + ["serving"] * 4
+    batches = ["serving s fp32"] * 4 + ["serving s w8a8"] * 4
+    eta = Eta(_planned(kinds, batches), lambda k: False, clock=lambda: now[0])
+    now[0] = 200.0
     eta.seen(SimpleNamespace(key="k2", stage_key=None))
-    assert eta.timeline == [("speculative", 5.05), ("speculative", 5.05)]
-    assert eta.left() == pytest.approx(PRIOR["task"] * 10.1 / (2 * PRIOR["speculative"]))
+    assert [t[1] for t in eta.timeline] == [50.0] * 4
+    assert eta.left() == pytest.approx(200.0)  # the other target's four levels, 50 s each
+    for k in ("k0", "k1", "k3"):  # the rest of the batch: already counted
+        eta.seen(SimpleNamespace(key=k, stage_key=None))
+    assert len(eta.timeline) == 4 and eta.left() == pytest.approx(200.0)
 
 
 @pytest.mark.parametrize("path", TIMELINES, ids=lambda p: p.stem)

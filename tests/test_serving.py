@@ -609,7 +609,7 @@ def test_servers_one_at_a_time_pair_by_repeat(monkeypatch):
     monkeypatch.setattr(serving, "_sweep", sweep)
     ctx = SimpleNamespace(cfg=parse_config({"vllm": {"concurrency": [1, 4], "repeats": 3}}))
     served = [serving.Served(None, []), serving.Served("ngram", [])]
-    serving._sweep_one_at_a_time(ctx, served, [])
+    serving._sweep_one_at_a_time(ctx, served, [], lambda what: None)
     assert starts == [None, "ngram", None, "ngram"]  # 4 starts for 3 repeats of 2 servers
     for s in served:
         assert s.levels == {("greedy", 1): [0, 1, 2], ("greedy", 4): [0, 1, 2]}

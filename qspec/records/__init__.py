@@ -147,4 +147,4 @@ class RunInfo(BaseModel):
     # cluster's size and what each job asked for
     executor: dict[str, Any] | None = None
     # (item kind, seconds) of each planned item as it finished, in order (eta.py's rates)
-    timeline: list[tuple[str, float]] = []
+    timeline: list[tuple[str, float] | tuple[str, float, str | None]] = []

@@ -115,15 +115,14 @@ def serving_stage(ctx: RunContext, progress) -> Iterator[ServingRecord]:
         version = found.version
     else:
         version = deployment_version(v.url, _address(ctx, None)[2])
-    with progress.task("vllm levels", total=len(todo)) as advance:
-        for suite, target in dict.fromkeys((c.suite, c.target) for c in todo):
+    targets = list(dict.fromkeys((c.suite, c.target) for c in todo))
+    # progress counts the sweeps as they start (the records come at a target's end, together)
+    sweeps = len(targets) * len(v.modes) * v.repeats * len(v.concurrency)
+    with progress.task("vllm sweeps", total=sweeps) as advance:
+        for suite, target in targets:
             group = [c for c in cells if (c.suite, c.target) == (suite, target)]
-            # the target alone is measured again with any pairing: speedups are paired in time
-            if not any(c in todo for c in group):
-                continue
-            for rec in _measure_target(ctx, suite, target, group, set(todo), version):
+            for rec in _measure_target(ctx, suite, target, group, set(todo), version, advance):
                 rec.key = keys[_cell_of(rec, group)]
-                advance(rec.target + "/" + (rec.draft or "-") + f" c={rec.concurrency}")
                 yield rec
 
 
@@ -132,7 +131,7 @@ def _cell_of(rec: ServingRecord, group: list[ServingCell]) -> ServingCell:
     return next(c for c in group if (c.draft, c.mode, c.concurrency) == coords)
 
 
-def _measure_target(ctx: RunContext, suite: str, target: str, group, todo: set, version):
+def _measure_target(ctx: RunContext, suite: str, target: str, group, todo: set, version, advance):
     """One target's servers: the target alone (always: every speedup pairs with it) and each
     pairing with a cell still to measure; up together and alternated level by level, or, on a
     GPU they do not fit together, one at a time (_plan_launch)."""
@@ -152,12 +151,13 @@ def _measure_target(ctx: RunContext, suite: str, target: str, group, todo: set, 
             _guarded(_prepare, ctx, s, target, prompts)
         launch = _plan_launch(ctx, served)
         if launch == ONE_AT_A_TIME:
-            _sweep_one_at_a_time(ctx, served, prompts)
+            _sweep_one_at_a_time(ctx, served, prompts, advance)
         else:
             _start_together(ctx, served, prompts)
             for mode in v.modes:
                 for repeat in range(v.repeats):
                     for level in v.concurrency:
+                        advance(f"{target} {mode} c={level}, repeat {repeat + 1}/{v.repeats}")
                         for s in served:
                             if s.status == "ok":
                                 _sweep(ctx, s, mode, level, repeat, prompts)
@@ -228,7 +228,7 @@ def _start_together(ctx: RunContext, served: list[Served], prompts) -> None:
         _guarded(_ready, ctx, s, prompts)
 
 
-def _sweep_one_at_a_time(ctx: RunContext, served: list[Served], prompts) -> None:
+def _sweep_one_at_a_time(ctx: RunContext, served: list[Served], prompts, advance) -> None:
     """Servers that do not fit the GPU together: per repeat, each server is started, warmed,
     swept over every mode and level, and stopped before the next one starts.
 
@@ -241,7 +241,8 @@ def _sweep_one_at_a_time(ctx: RunContext, served: list[Served], prompts) -> None
     v = ctx.cfg.vllm
     up: Served | None = None
     for repeat in range(v.repeats):
-        for s in served if repeat % 2 == 0 else served[::-1]:
+        order = served if repeat % 2 == 0 else served[::-1]
+        for n, s in enumerate(order):
             if s.status != "ok":
                 continue
             if up is not s:
@@ -252,6 +253,8 @@ def _sweep_one_at_a_time(ctx: RunContext, served: list[Served], prompts) -> None
                 _guarded(_ready, ctx, s, prompts)
             for mode in v.modes:
                 for level in v.concurrency:
+                    if n == 0:  # a sweep's progress: counted with its first server
+                        advance(f"{mode} c={level}, repeat {repeat + 1}/{v.repeats} (in turn)")
                     if s.status == "ok":
                         _sweep(ctx, s, mode, level, repeat, prompts)
 
