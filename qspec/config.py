@@ -164,15 +164,15 @@ class VllmSettings(Strict):
     # an existing server to measure instead of starting one (its pairing is whatever it serves)
     url: str | None = None
     api_key_env: str | None = None  # the environment variable holding that server's API key
-    # target precisions and drafts served; vLLM on CPU loads fp32/bf16 and GPTQ builds, and
-    # ngram lookup; others are recorded as unavailable with vLLM's reason. The default serves
-    # fp32 (the qspec cells' reference, so the engines compare on one target) alone and with
-    # n-gram lookup. A GPTQ draft needs a bf16 target (a draft runs in its target's dtype and
-    # vLLM's GPTQ kernels take only fp16/bf16) and, on a CPU, vLLM's AVX-512 kernels: on an
-    # AVX2 machine bf16 serves at half fp32's speed (6.9 vs qspec's 14.5 tok/s) for no draft
-    # at all; configs/serving.toml serves them
-    targets: list[str] = ["fp32"]
-    drafts: list[str] = ["ngram"]
+    # target precisions and drafts served; vLLM on CPU loads fp32/bf16, W8A8 (int8 kernels on
+    # every x86 CPU), GPTQ and W4A16 builds (AVX-512 only, in bf16), n-gram lookup and EAGLE-3
+    # heads; others are recorded as unavailable with vLLM's reason. The default serves fp32
+    # (the qspec cells' reference, so the engines compare on one target) and W8A8 (the INT8
+    # class users deploy), each alone and with the reference-trained head. A GPTQ draft needs
+    # a bf16 target (a draft runs in its target's dtype and vLLM's GPTQ kernels take only
+    # fp16/bf16) and, on a CPU, vLLM's AVX-512 kernels: configs/serving.toml serves them
+    targets: list[str] = ["fp32", "w8a8"]
+    drafts: list[str] = ["eagle3"]
     gamma: int | None = Field(default=None, ge=1, le=MAX_GAMMA, description="None: max(gammas)")
     concurrency: list[int] = Field(default=[1, 4], min_length=1)
     modes: list[Literal["greedy", "sample"]] = Field(default=["greedy"], min_length=1)
@@ -232,13 +232,14 @@ class VllmSettings(Strict):
 
 class RunConfig(Strict):
     # The embedded default is sized for a fresh 2-core CPU machine (15 minutes, installs
-    # included): one target per precision class (float, INT8, INT4), the INT4 copy as the
-    # model draft beside n-gram lookup, nf4 screened for quality only. configs/full.toml is
-    # the full matrix (nf4 and int8 drafts, every target sampled). gptq-int4 needs the gptq
-    # extra; without it its cells are recorded as unavailable. GPTQ is the 4-bit draft: it
-    # drafts better than nf4 at the same speed on CPU (alpha 0.90 vs 0.86, fp32 target, greedy).
-    target: ModelSpec = ModelSpec(precisions=["fp32", "int8", "gptq-int4"])
-    draft: DraftSpec = DraftSpec(precisions=["gptq-int4", "ngram"])
+    # included): one target per precision class (float; INT8 as W8A8, the compressed-tensors
+    # int8 vLLM users deploy; INT4 as GPTQ), the INT4 copy, n-gram lookup and the
+    # reference-trained EAGLE-3 head as drafts, bitsandbytes int8 and nf4 screened for quality
+    # beside them. configs/full.toml is the full matrix. gptq-int4 needs the gptq extra, w8a8
+    # the quantization venv; without them their cells are recorded as unavailable. GPTQ is the
+    # 4-bit draft: it drafts better than nf4 at the same speed on CPU (alpha 0.90 vs 0.86).
+    target: ModelSpec = ModelSpec(precisions=["fp32", "w8a8", "gptq-int4"])
+    draft: DraftSpec = DraftSpec(precisions=["gptq-int4", "ngram", "eagle3"])
     # None: a sweep of 1..8 on CUDA, [3] on CPU (where each extra gamma costs minutes)
     gammas: list[int] | None = Field(default=None, min_length=1)
     repeats: int = Field(
@@ -270,8 +271,9 @@ class RunConfig(Strict):
     price_per_device_hour: float | None = Field(
         default=None, ge=0, description="USD per device-hour; adds cost per million output tokens"
     )
-    # nf4 (bitsandbytes 4-bit) screened beside GPTQ int4 for quality and batch invariance
-    quality: QualitySettings = QualitySettings(variants=["nf4"])
+    # bitsandbytes int8 beside W8A8 and nf4 beside GPTQ int4, screened for quality and batch
+    # invariance: the same bit width from different builders, side by side
+    quality: QualitySettings = QualitySettings(variants=["int8", "nf4"])
     tasks: TaskSettings = TaskSettings()
     heads: HeadSettings = HeadSettings()
     # "local": every stage in this process, one cell after another; "ray": the stages as Ray

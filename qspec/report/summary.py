@@ -7,29 +7,27 @@ from pathlib import Path
 
 from qspec.report.analysis import Run
 from qspec.report.budget import Budget
-from qspec.report.format import fmt, fmt_bytes, fmt_ci, fmt_speedup
+from qspec.report.format import fmt, fmt_ci, fmt_speedup
 from qspec.report.pairings import Pairing
 from qspec.report.sections import served_engine, verdict
 
 
 def _describe(p: Pairing) -> str:
-    q = p.quality
+    """One option in a few words: the pairing, its speed, and its quality only where it is
+    not within budget (the budget is said once, in the first line)."""
+    if p.alone:
+        name = f"{p.target} alone"
+    else:
+        length = "" if p.draft_length == "fixed" else f", {p.draft_length} length"
+        name = f"{p.target}+{p.draft} γ={p.gamma}{length}"
     bits = [f"{fmt(p.tokens_per_s)} tok/s"]
     if not p.alone:
-        sp = f"{fmt_speedup(p.speedup)} speedup ({fmt_ci(p.speedup_ci95, style='x')}"
-        sp += f", n = {p.speedup_pairs} prompts)" if p.speedup_pairs is not None else ")"
-        bits.insert(0, sp)
-    if p.weights is not None:
-        bits.append(f"{fmt_bytes(p.weights)} weights")
-    if q.ppl_delta_pct is not None:
-        bits.append(f"perplexity {q.ppl_delta_pct:+.1f}%")
-    if q.acc_delta_points is not None:
-        bits.append(f"accuracy {q.acc_delta_points:+.1f} pts")
-    bits.append(f"quality {q.label}")
-    if p.alone:
-        return f"target {p.target} alone, {p.mode} ({', '.join(bits)})"
-    length = "" if p.draft_length == "fixed" else f", {p.draft_length} draft length"
-    return f"target {p.target} + draft {p.draft}, γ={p.gamma}{length}, {p.mode} ({', '.join(bits)})"
+        n = f", n={p.speedup_pairs}" if p.speedup_pairs is not None else ""
+        ci = fmt_ci(p.speedup_ci95, style="x").replace("95% CI ", "")
+        bits.insert(0, f"{fmt_speedup(p.speedup)} ({ci}{n})")
+    if p.quality.verdict != "pass":
+        bits.append(f"quality {p.quality.label}")
+    return f"{name}, {', '.join(bits)}"
 
 
 def not_lossless_line(run: Run, pairs: list[dict]) -> str:
@@ -42,11 +40,7 @@ def not_lossless_line(run: Run, pairs: list[dict]) -> str:
         return f"WARNING: not lossless: {shown}; on batch-invariant targets: {', '.join(suspect)}."
     if any(variant.get(n["target"]) is None for n in pairs):
         return f"Not lossless: {shown}; their targets' batch invariance was not measured."
-    targets = ", ".join(dict.fromkeys(n["target"] for n in pairs))
-    return (
-        f"Not lossless: {shown}; expected, their targets ({targets}) are not batch-invariant "
-        "(one k-token forward differs from k one-token forwards): see Batch invariance."
-    )
+    return f"Not lossless: {shown}; expected: their targets are not batch-invariant."
 
 
 def served_lines(run: Run) -> list[str]:
@@ -60,70 +54,61 @@ def served_lines(run: Run) -> list[str]:
         for rec in levels:
             b = rec["best"]
             if b is None:
-                said.append(f"at {rec['concurrency']}: nothing measured")
+                said.append(f"c={rec['concurrency']} nothing measured")
             elif b.draft is None:
-                said.append(f"at {rec['concurrency']}: {b.target} alone")
+                said.append(f"c={rec['concurrency']} {b.target} alone")
             else:
-                ci = fmt_ci(b.speedup_ci95, style="x")
+                ci = fmt_ci(b.speedup_ci95, style="x").replace("95% CI ", "")
                 said.append(
-                    f"at {rec['concurrency']}: {b.target}+{b.draft} γ={b.gamma} "
-                    f"({fmt_speedup(b.speedup)}, {ci}, n = {b.speedup_pairs} repeats)"
+                    f"c={rec['concurrency']} {b.target}+{b.draft} γ={b.gamma} "
+                    f"{fmt_speedup(b.speedup)} ({ci}, n={b.speedup_pairs} repeats)"
                 )
-        out.append(f"Served by vLLM, {mode}, per concurrent requests: {'; '.join(said)}.")
+        out.append(f"vLLM, {mode}: {'; '.join(said)}.")
     return out
 
 
 def summary_text(run_dir: Path, budget: Budget | None = None) -> str:
-    """One paragraph for the terminal: per mode the option to serve, warnings."""
+    """A few lines for the terminal (at most 900 characters as printed): per mode the option
+    to serve and the best speculative one, what vLLM serves best, warnings. The report keeps
+    the long form and the reasons."""
     run = Run(Path(run_dir), budget)
     v = verdict.build(run)
     b = run.budget
     parts = [
-        f"qspec run {run.dir.name} ({v['status']}, {run.hardware_label}, "
-        f"reference {run.reference or '?'})."
+        f"qspec run {run.dir.name} ({v['status']}, {run.hardware_label}; reference "
+        f"{run.reference or '?'}; budget perplexity +{b.max_ppl_increase_pct:g}%, "
+        f"accuracy -{b.max_accuracy_drop_points:g} pts)."
     ]
-    budget_txt = (
-        f"perplexity +{b.max_ppl_increase_pct:g}% "
-        f"and accuracy -{b.max_accuracy_drop_points:g} points"
-    )
     if not v["pairings"]:
         parts.append("No speculative cell was measured successfully.")
     for m in v["modes"]:
-        head, second = m["head"], m["second"]
+        head, second, mode = m["head"], m["second"], m["mode"].capitalize()
         if head is None:
-            parts.append(f"{m['mode'].capitalize()}: no speculative pairing meets the budget.")
+            parts.append(f"{mode}: no speculative pairing meets the budget.")
             continue
         if m["alone"]:
-            why = (
-                "no eligible speculative pairing is shown faster (no speedup interval above 1)"
-                if m["none_faster"]
-                else "faster than every pairing shown faster than its own target"
-            )
-            parts.append(
-                f"{m['mode'].capitalize()}: serve {_describe(head)} ({why}; budget {budget_txt})."
-            )
+            why = "none shown faster" if m["none_faster"] else "faster than every pairing"
+            line = f"{mode}: serve {_describe(head)} ({why})"
             if second is not None:
-                parts.append(f"Best speculative option: {_describe(second)}.")
+                line += f"; best speculative: {_describe(second)}"
         else:
-            point = " (point estimate only: no interval recorded)" if m["point_only"] else ""
-            parts.append(
-                f"{m['mode'].capitalize()}: recommended within {budget_txt}: "
-                f"{_describe(head)}{point}."
-            )
+            point = ", point estimate only" if m["point_only"] else ""
+            line = f"{mode}: recommended {_describe(head)}{point}"
+        parts.append(line + ".")
         if m["unproven"] is not None:
-            u = m["unproven"]
-            parts.append(
-                f"Faster but quality {u.quality.label} (not shown within budget): {_describe(u)}."
-            )
-        parts.append(f"Behind it: {m['samples']}.")
+            parts.append(f"Faster, quality not shown within budget: {_describe(m['unproven'])}.")
     parts += served_lines(run)
     if v["non_lossless"]:
         parts.append(not_lossless_line(run, v["non_lossless"]))
+    tail = []
     if v["n_failed"]:
-        parts.append(f"{v['n_failed']} cell(s) failed or were unavailable.")
+        tail.append(f"{v['n_failed']} cell(s) failed or unavailable")
     if v["status"] not in ("complete",):
-        parts.append(f"The run is {v['status']}: results are incomplete.")
+        tail.append(f"the run is {v['status']}: results are incomplete")
     if run.is_cpu:
-        parts.append("Timings on CPU are not representative of GPU serving.")
+        tail.append("CPU timings are not GPU serving figures")
+    if tail:
+        said = "; ".join(tail)
+        parts.append(said[0].upper() + said[1:] + ".")
     # one line per statement; names come from results files: no terminal control sequences
     return "\n".join("".join(ch if ch.isprintable() else " " for ch in p) for p in parts)
