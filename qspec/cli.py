@@ -88,12 +88,13 @@ def _check_engines(cfg, probes) -> None:
 def _check_heads(cfg) -> None:
     """A user's EAGLE-3 checkpoint that does not fit the target fails now, naming the key."""
     from qspec.models.precisions import HEAD_USER, head_kind
+    from qspec.plan import served
 
     users = [
         (key, name)
         for key, names in (
             ("draft.precisions", cfg.draft.precisions),
-            ("vllm.drafts", cfg.vllm.drafts),
+            ("vllm.drafts", served(cfg)[1]),
         )
         for name in names
         if head_kind(name) == "user"
@@ -121,13 +122,15 @@ def _check_quant(cfg) -> None:
     fails now, naming the fix (a checkpoint already in the cache needs no build, but the
     venv is asked for all the same: a fresh machine would need it)."""
     from qspec.models.precisions import COMPRESSED
+    from qspec.plan import served
 
+    served_targets, served_drafts = served(cfg)
     named = [
         *cfg.target.precisions,
         *cfg.quality.variants,
         *cfg.draft.precisions,
-        *cfg.vllm.targets,
-        *cfg.vllm.drafts,
+        *served_targets,
+        *served_drafts,
     ]
     wanted = sorted({p.removeprefix("self:") for p in named} & set(COMPRESSED))
     if not wanted:

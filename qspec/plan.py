@@ -126,17 +126,26 @@ def repeats_reference_head(cfg: RunConfig, target: str, draft: str | None, devic
     )
 
 
+def served(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """The targets and drafts vLLM serves from qspec's builds: none when the run has no
+    served engine, or measures a deployment at a URL."""
+    if "vllm" not in cfg.engines or cfg.vllm.url:
+        return [], []
+    return list(cfg.vllm.targets), list(cfg.vllm.drafts)
+
+
 def head_builds(cfg: RunConfig, device: str) -> list[tuple[str, str]]:
     """(drafter name, target precision it is trained on, or "user") of every head the run
     makes, once each: the generation cells' drafts and the served ones."""
     reference = reference_precision(cfg.target.precisions, device)
+    served_targets, served_drafts = served(cfg)
     out: dict[tuple[str, str], None] = {}
-    for name in [*cfg.draft.precisions, *cfg.vllm.drafts]:
+    for name in [*cfg.draft.precisions, *served_drafts]:
         kind = head_kind(name)
         if kind == "reference":
             out[(name, reference)] = None
         elif kind == "matched":
-            targets = [*cfg.target.precisions, *cfg.vllm.targets]
+            targets = [*cfg.target.precisions, *served_targets]
             out.update({(name, t): None for t in dict.fromkeys(targets) if t != reference})
         elif kind == "user":
             out[(name, "user")] = None

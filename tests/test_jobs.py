@@ -86,13 +86,16 @@ def test_a_dead_stage_job_leaves_one_failed_record_per_suite_it_had_not_finished
     written = {quality[0].stage_key}
     again = lost_records(Job("quality"), everything, written, Finished(), "died")
     assert [r.suite for r in again] == ["b"]
-    variants = lost_records(Job("variants"), *args)
+    builds = lost_records(Job("variants"), *args)
     model = cfg.target.ref
-    assert [(r.model, r.precision) for r in variants] == [
+    assert [(r.model, r.precision) for r in builds if r.kind == "variant"] == [
         (model, "fp32"),
         (model, "nf4"),  # a target here, and screened for quality by default: built once
         (model, "int8"),
     ]
+    # the served engine's default draft is a head trained on the reference: built there too
+    heads = [(r.name, r.trained_on, r.status) for r in builds if r.kind == "head"]
+    assert heads == [("eagle3", "fp32", "failed")]
 
 
 def test_executor_settings_are_validated():
