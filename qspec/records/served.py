@@ -103,4 +103,8 @@ class ServingRecord(Record):
     qspec_tokens_per_s: float | None = None
     qspec_over_vllm: float | None = None
     qspec_over_vllm_ci95: list[float] | None = None
-    qspec_over_vllm_pairs: int | None = None  # prompt id -> greedy tokens at this level (repeat 0)
+    qspec_over_vllm_pairs: int | None = None
+    # how qspec's loop computes this target: "native" (its own dtype's kernels), or a quantized
+    # format's "simulated" numerics (dequantized weights, activations quantize-dequantized in
+    # float: its speed is not the format's) or "kernels"
+    qspec_numerics: str | None = None  # prompt id -> greedy tokens at this level (repeat 0)

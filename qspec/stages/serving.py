@@ -89,6 +89,7 @@ class Served:
     # the target alone: qspec's own loop on the same prompts, greedy, one request at a time,
     # timed between this server's repeats at the lowest level (repeat -> (tokens, seconds))
     qspec_loop: dict[int, tuple[int, float]] = field(default_factory=dict)
+    qspec_numerics: str | None = None  # how qspec's loop computed the target (native or a format's)
 
     def fail(self, status: str, error: str, log_tail: list[str] | None = None) -> None:
         self.status, self.error = status, error
@@ -520,6 +521,7 @@ def _qspec_alone(ctx: RunContext, s: Served, target: str, repeat: int, prompts) 
             g = generate(model, p.ids, max_new_tokens=p.max_new_tokens, eos_ids=eos)
             tokens, seconds = tokens + len(g.tokens), seconds + g.total_s
         s.qspec_loop[repeat] = (tokens, seconds)
+        s.qspec_numerics = (getattr(model, "qspec_format", None) or {}).get("numerics", "native")
     except Exception as err:  # noqa: BLE001 - a missing comparison never costs the sweep
         log.warning("qspec's loop beside vLLM failed for %s: %s", target, err)
 

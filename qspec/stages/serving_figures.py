@@ -54,7 +54,7 @@ def level_records(ctx, s, base, prompts, meta: dict) -> Iterator[ServingRecord]:
                 f["gamma"] = counters.gamma
                 f["method"] = "as served"
         if c.mode == "greedy" and c.concurrency == lowest and s.draft is None and s.qspec_loop:
-            f.update(_loops(load, s.qspec_loop))
+            f.update(_loops(load, s.qspec_loop), qspec_numerics=s.qspec_numerics)
         if c.mode == "greedy":
             f["outputs"] = _outputs(levels[0], prompts)
             first = s.levels.get((c.mode, lowest))
