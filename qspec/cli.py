@@ -13,7 +13,7 @@ from qspec.config import ConfigError, load_config
 
 
 def _evaluate(args) -> int:
-    from qspec.backends.vllm_server import Probes
+    from qspec.backends.vllm_probe import Probes
     from qspec.suites.discovery import load_suite
     from qspec.suites.files import SuiteError
 
@@ -76,7 +76,7 @@ def _check_engines(cfg, probes) -> None:
     """A served engine that cannot run fails now, naming the key and the fix."""
     if "vllm" not in cfg.engines:
         return
-    from qspec.backends.vllm_server import preflight
+    from qspec.backends.vllm_probe import preflight
 
     problem = preflight(cfg.vllm, probes)
     if problem:

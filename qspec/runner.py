@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from qspec import store
-from qspec.backends.vllm_server import Probes
+from qspec.backends.vllm_probe import Probes
 from qspec.config import RunConfig, resolve_defaults
 from qspec.environment import describe, hardware, pick_device, quiet_transformers, versions
 from qspec.eta import Eta

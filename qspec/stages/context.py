@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from qspec.backends.vllm_server import Probes
+from qspec.backends.vllm_probe import Probes
 from qspec.config import RunConfig
 from qspec.engine.compiled import Compiled
 from qspec.engine.sampling import Sampler, sampler_for

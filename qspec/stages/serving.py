@@ -11,12 +11,11 @@ when it needs them), and each server gets a --gpu-memory-utilization computed fr
 needs (ServerSpec.gpu_bytes). Servers that fit 0.9 of the GPU together are all up during the
 sweep, started one after another (vLLM sizes its KV cache from whole-device free memory, and
 another server loading at the same moment would be charged to it); servers that do not fit
-run one at a time (_sweep_one_at_a_time). On a CPU the servers start at once, as before.
+run one at a time (_sweep_one_at_a_time; the arithmetic is in serving_gpu.py). On a CPU the servers start at once, as before.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import time
@@ -35,38 +34,16 @@ from qspec.backends.vllm_server import (
     root_cause,
     vllm_python,
 )
-from qspec.config import MAX_GAMMA
 from qspec.keys import key_of_serving
-from qspec.models.builders import saved_folder
-from qspec.models.precisions import (
-    MODEL_FREE_DRAFTER_NAMES,
-    drafter_variant,
-    head_kind,
-    parse_skip,
-)
-from qspec.plan import SAME_HEAD, ServingCell, repeats_reference_head, serving_plan
+from qspec.plan import ServingCell, serving_plan
 from qspec.records import ServingRecord, Skip
 from qspec.stages.context import RunContext
 from qspec.stages.serving_figures import level_records
+from qspec.stages.serving_gpu import ONE_AT_A_TIME, plan_launch
+from qspec.stages.serving_spec import server_spec
 from qspec.suites.encoding import encode_prompts, stop_ids
 
 log = logging.getLogger("qspec")
-
-QUANTIZED_AT_LOAD = {"int8": "bitsandbytes", "int8-t0": "bitsandbytes", "nf4": "bitsandbytes"}
-QUANTIZED_AT_LOAD["fp4"] = "bitsandbytes"
-DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
-# vLLM's CPU int4 kernel (cpu_gemm_wna16) takes bf16 activations only ("not implemented for
-# 'Float'"): an int4 checkpoint is served in bf16, and only where that kernel exists (AVX-512)
-INT4 = ("gptq-int4", "w4a16", "awq-w4a16")
-DTYPES.update({p: "bfloat16" for p in ("w4a16", "awq-w4a16")})
-NO_CPU_FP8 = (
-    "this CPU has no AMX, where vLLM's CPU build has its FP8 kernel; it serves FP8 through a "
-    "torch._scaled_mm fallback instead (measured on an AVX-512 Xeon: 0.8-0.95 tokens/s, about "
-    "15x slower than W8A8 on the same machine), which is not the format's speed"
-)
-TOGETHER, ONE_AT_A_TIME = "together", "one at a time"
-GPU_SHARE = 0.9  # of the device's memory, at most, for the servers of one target together
-GIB = 1 << 30
 
 
 @dataclass
@@ -135,7 +112,7 @@ def _cell_of(rec: ServingRecord, group: list[ServingCell]) -> ServingCell:
 def _measure_target(ctx: RunContext, suite: str, target: str, group, todo: set, version, advance):
     """One target's servers: the target alone (always: every speedup pairs with it) and each
     pairing with a cell still to measure; up together and alternated level by level, or, on a
-    GPU they do not fit together, one at a time (_plan_launch)."""
+    GPU they do not fit together, one at a time (serving_gpu.plan_launch)."""
     v = ctx.cfg.vllm
     prompts = _prompts(ctx, suite)
     by_draft: dict[str | None, list[ServingCell]] = {}
@@ -150,7 +127,7 @@ def _measure_target(ctx: RunContext, suite: str, target: str, group, todo: set, 
     try:
         for s in served:
             _guarded(_prepare, ctx, s, target, prompts)
-        launch = _plan_launch(ctx, served)
+        launch = plan_launch(ctx, served)
         if launch == ONE_AT_A_TIME:
             _sweep_one_at_a_time(ctx, served, prompts, advance)
         else:
@@ -203,7 +180,7 @@ def _prepare(ctx: RunContext, s: Served, target: str, prompts) -> None:
     if ctx.cfg.vllm.url is not None:
         s.server, s.stop = None, _stop(ctx, s)
         return
-    s.spec = _server_spec(ctx, target, s.draft, prompts)
+    s.spec = server_spec(ctx, target, s.draft, prompts)
     s.stop = _stop(ctx, s)
 
 
@@ -260,68 +237,6 @@ def _sweep_one_at_a_time(ctx: RunContext, served: list[Served], prompts, advance
                         _sweep(ctx, s, mode, level, repeat, prompts)
 
 
-def _plan_launch(ctx: RunContext, served: list[Served], memory=None) -> str | None:
-    """How this target's servers start: "together" or "one at a time" (None: a deployment).
-    On a CUDA device, qspec's own models are released first and each server gets its
-    --gpu-memory-utilization; `memory` is (free, total) bytes of the device, read from
-    torch.cuda.mem_get_info when None (tests pass it)."""
-    v = ctx.cfg.vllm
-    if v.url is not None:
-        return None
-    if ctx.device.type != "cuda":
-        return TOGETHER  # VLLM_CPU_KVCACHE_SPACE sizes a CPU server's cache, as before
-    _release_models(ctx)
-    if memory is None:
-        import torch
-
-        memory = torch.cuda.mem_get_info(ctx.device)
-    free, total = memory
-    specs = [s.spec for s in served if s.status == "ok" and s.spec is not None]
-    margin = int(v.gpu_margin_gib * GIB)
-    needs = []
-    for spec in specs:
-        try:
-            needs.append(spec.gpu_bytes(max(v.concurrency), margin))
-        except (OSError, ValueError, KeyError, TypeError) as err:  # no readable config.json
-            log.warning("cannot size the GPU memory of %s: %s", spec.name, err)
-            needs.append(None)
-    fractions, launch = gpu_plan(needs, free, total, v.gpu_memory_utilization)
-    for spec, fraction in zip(specs, fractions, strict=True):
-        spec.gpu_memory_utilization = fraction
-    return launch
-
-
-def gpu_plan(
-    needs: list[int | None], free: int, total: int, configured: float | None = None
-) -> tuple[list[float | None], str]:
-    """Each server's --gpu-memory-utilization (its need in bytes over the device's total
-    memory, rounded up to 0.001, at most GPU_SHARE; or the configured fraction) and whether
-    they launch together: when their fractions add up to no more than GPU_SHARE of the device
-    and to no more than what is free (vLLM refuses to start when its share is not free). A
-    need not known (None) leaves vLLM's default share (0.9), which shares with nothing."""
-
-    def fraction(need: int | None) -> float | None:
-        if configured is not None or need is None:
-            return configured
-        return min(GPU_SHARE, -(-need * 1000 // total) / 1000)  # exact integer ceiling
-
-    fractions = [fraction(need) for need in needs]
-    room = min(GPU_SHARE * total, free)
-    known = all(f is not None for f in fractions)
-    together = len(fractions) <= 1 or (known and sum(fractions) * total <= room)
-    return fractions, TOGETHER if together else ONE_AT_A_TIME
-
-
-def _release_models(ctx: RunContext) -> None:
-    """qspec's built models (and their compiled steps) off the GPU before vLLM's servers
-    start; the tasks stage builds what it needs again."""
-    ctx.compiled_models.clear()
-    released = ctx.models.release()
-    gc.collect()
-    if released:
-        log.info("released %d built model(s) from the GPU for the served engine", len(released))
-
-
 def _ready(ctx: RunContext, s: Served, prompts) -> None:
     """Wait until a launched server answers, then warm it up."""
     if s.server is not None:
@@ -342,101 +257,6 @@ def _guarded(step, ctx: RunContext, s: Served, *args) -> None:
     except Exception as err:  # noqa: BLE001
         log.debug(traceback.format_exc())
         s.fail("failed", f"{type(err).__name__}: {err}")
-
-
-def _server_spec(ctx: RunContext, target: str, draft: str | None, prompts) -> ServerSpec:
-    v = ctx.cfg.vllm
-    draft_variant = drafter_variant(draft) if draft is not None else None
-    served = {target, draft_variant[1] if draft_variant else None}
-    no_gptq = ctx.vllm_probes.probe(vllm_python(v.python)).no_gptq
-    if no_gptq and served & set(INT4):  # known before a server is started for nothing
-        raise Skip("unavailable", no_gptq)
-    if "fp8" in served and ctx.device.type == "cpu" and not _has_amx():
-        raise Skip("unavailable", NO_CPU_FP8)
-    folder, dtype, quantization = _served_files(ctx, "target", target)
-    spec = ServerSpec(
-        name=f"{target}+{draft or 'alone'}",
-        python=vllm_python(v.python),
-        model=folder,
-        dtype=dtype,
-        quantization=quantization,
-        kv_cache_gib=v.kv_cache_gib,
-        extra_args=list(v.extra_args),
-        max_model_len=_model_len(ctx, prompts),
-    )
-    gamma = v.gamma or max(ctx.cfg.gammas)
-    if draft in MODEL_FREE_DRAFTER_NAMES:
-        d = ctx.cfg.draft
-        spec.speculative = {
-            "method": "ngram",
-            "num_speculative_tokens": gamma,
-            "prompt_lookup_min": d.ngram_min,
-            "prompt_lookup_max": d.ngram_max,
-        }
-    elif head_kind(draft) is not None:  # the head qspec trained (or the user's), as vLLM loads it
-        if repeats_reference_head(ctx.cfg, target, draft, ctx.device.type):
-            raise Skip("unavailable", SAME_HEAD)
-        folder = ctx.models.head(draft, target).folder
-        spec.speculative = {
-            "method": "eagle3",
-            "model": str(folder),
-            "num_speculative_tokens": gamma,
-            "draft_sample_method": v.draft_sample_method,
-        }
-    elif draft is not None:
-        variant = drafter_variant(draft)
-        if variant is None or parse_skip(draft) is not None:
-            raise Skip("unavailable", f"vLLM has no drafter like qspec's {draft!r} (layer skip)")
-        role, precision = variant
-        draft_folder, _, draft_quant = _served_files(ctx, role, precision)
-        if draft_quant is not None:
-            raise Skip(
-                "unavailable",
-                f"vLLM loads a draft from saved weights; {draft} is quantized at load time",
-            )
-        spec.speculative = {
-            "method": "draft_model",
-            "model": draft_folder,
-            "num_speculative_tokens": gamma,
-            "draft_sample_method": v.draft_sample_method,
-        }
-        if role == "draft" and ctx.models.cross_tokenizer:
-            # vLLM's token-level intersection drafts greedily only (it refuses "probabilistic")
-            spec.speculative.update(use_heterogeneous_vocab=True, draft_sample_method="greedy")
-    return spec
-
-
-def _served_files(ctx: RunContext, role: str, precision: str) -> tuple[str, str, str | None]:
-    """(folder, dtype, quantization) that vLLM loads for a variant: the converted model in its
-    float type, qspec's GPTQ build, or the float folder with bitsandbytes applied at load."""
-    v = ctx.cfg.vllm
-    if role in ctx.models.errors:
-        raise Skip("failed", ctx.models.errors[role])
-    bctx = ctx.models.build_context(role)
-    if precision in QUANTIZED_AT_LOAD:
-        return bctx.location, "float32", QUANTIZED_AT_LOAD[precision]
-    if precision in (*INT4, "w8a8", "fp8"):  # built (or found in the cache) by qspec
-        built = ctx.models.build(role, precision)
-        if built.status != "ok":
-            raise Skip(built.status, f"{role} {precision}: {built.error}")
-    folder = saved_folder(precision, bctx)
-    if folder is None:
-        raise Skip("unavailable", f"{role} {precision} has no saved weights for vLLM to load")
-    dtype = DTYPES.get(precision, v.dtype if precision == "fp32" else "auto")
-    return str(folder), dtype, None
-
-
-def _has_amx() -> bool:
-    try:
-        return "amx_tile" in open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-
-
-def _model_len(ctx: RunContext, prompts) -> int:
-    """Room for the longest prompt, its tokens and the drafts past them (KV cache per request)."""
-    longest = max(len(p.ids) for p in prompts)
-    return max(2048, longest + ctx.cfg.max_new_tokens + MAX_GAMMA + 16)
 
 
 def _warm(ctx: RunContext, s: Served, prompts) -> None:
@@ -466,7 +286,7 @@ def _stop(ctx: RunContext, s: Served) -> list[int]:
 
 def refused_modes(ctx: RunContext, draft: str | None) -> dict[str, str]:
     """Modes a pairing is not measured in on this vLLM, and why: known defects of its CPU
-    build, probed at the start (vllm_server.VERSION_PROBE), never of a target alone."""
+    build, probed at the start (vllm_probe.VERSION_PROBE), never of a target alone."""
     if draft is None or ctx.cfg.vllm.url is not None:
         return {}
     found = ctx.vllm_probes.probe(vllm_python(ctx.cfg.vllm.python))

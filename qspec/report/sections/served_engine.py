@@ -86,7 +86,7 @@ def side_by_side(run: Run, records: list[ServingRecord]) -> list[dict]:
 
 
 def _sampler_defect(r: ServingRecord) -> bool:
-    from qspec.backends.vllm_server import BROKEN_SAMPLER
+    from qspec.backends.vllm_probe import BROKEN_SAMPLER
 
     return bool(r.error) and r.error.startswith(BROKEN_SAMPLER[:60])
 
