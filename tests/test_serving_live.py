@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from qspec import store
+from qspec.backends.vllm_probe import Probes
 from qspec.backends.vllm_server import (
-    Probes,
     Server,
     ServerError,
     ServerSpec,
@@ -78,7 +78,7 @@ def _api_pid(name: str) -> int | None:
 def test_sweep_kill_resume(tmp_path, servable_model, vllm_ready, monkeypatch):
     from qspec.cli import main
 
-    vllm = "concurrency = [1, 2]\nrepeats = 2\nstartup_timeout_s = 240"
+    vllm = "concurrency = [1, 2]\nrepeats = 2\nrequests_per_slot = 2\nstartup_timeout_s = 240"
     cfg = _served_config(tmp_path, servable_model, vllm, max_new_tokens="12")
     out = tmp_path / "run"
     killed = []
@@ -122,7 +122,7 @@ def test_sweep_kill_resume(tmp_path, servable_model, vllm_ready, monkeypatch):
         assert (
             r["speedup_pairs"] == 2 and r["speedup_ci95"][0] <= r["speedup"] <= r["speedup_ci95"][1]
         )
-        assert r["n_requests"] == max(2, 2 * c)
+        assert r["n_requests"] == max(2, 2 * c)  # two per slot, at least every prompt once
     logs = sorted(p.name for p in (out / "vllm").iterdir())
     assert logs == ["fp32+alone.log", "fp32+ngram.log"]
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
