@@ -32,7 +32,7 @@ PRIOR = {
     "speculative": 10.0,
     "hf_target_only": 5.0,
     "hf_assisted": 5.0,
-    "serving": 55.0,  # per level and pairing: server starts and repeats included
+    "serving": 66.0,  # per level and pairing: server starts and repeats included
     "task": 14.0,
     "task_lossless": 8.0,
 }
