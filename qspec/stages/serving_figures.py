@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from qspec.backends.vllm_server import linear_kernels
 from qspec.measure.concurrency import LevelLoad, engine_acceptance, paired_by_repeat
 from qspec.measure.stats import ratio_interval
 from qspec.records import ServingRecord
@@ -19,6 +20,7 @@ def level_records(ctx, s, base, prompts, meta: dict) -> Iterator[ServingRecord]:
     """One record per cell of one served pairing `s`; `base` is the target alone's (or None)."""
     v = ctx.cfg.vllm
     lowest = min(v.concurrency)
+    kernels = linear_kernels(s.server.log_path) if s.server is not None else []
     for c in s.cells:
         common = {
             **c.coordinates(),
@@ -30,6 +32,7 @@ def level_records(ctx, s, base, prompts, meta: dict) -> Iterator[ServingRecord]:
             "repeats": v.repeats,
             "gpu_memory_utilization": s.spec.gpu_memory_utilization if s.spec else None,
             "max_new_tokens": ctx.cfg.max_new_tokens,
+            "vllm_kernels": kernels,
         }
         levels = s.levels.get((c.mode, c.concurrency), [])
         if c.mode in s.refused:  # vLLM's own defect here: never measured

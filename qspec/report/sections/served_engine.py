@@ -184,6 +184,8 @@ def build(run: Run) -> dict | None:
         # qspec's loop against vLLM, the target alone at one request, paired by repeat
         "loops": [r for r in records if r.ok and r.qspec_over_vllm is not None],
         "failed": [r for r in records if not r.ok],
+        # which code each quantized target's served figures come from, as vLLM's log names it
+        "kernels": {r.target: r.vllm_kernels for r in records if r.vllm_kernels},
         # vLLM's own sampler defect on this device, probed at the start (vllm_server.py)
         "sampler_defect": next(
             (r.error for r in records if r.status == "unavailable" and _sampler_defect(r)), None
