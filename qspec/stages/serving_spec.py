@@ -26,22 +26,17 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 # 'Float'"): an int4 checkpoint is served in bf16, and only where that kernel exists (AVX-512)
 INT4 = ("gptq-int4", "w4a16", "awq-w4a16")
 DTYPES.update({p: "bfloat16" for p in ("w4a16", "awq-w4a16")})
-NO_CPU_FP8 = (
-    "this CPU has no AMX, where vLLM's CPU build has its FP8 kernel; it serves FP8 through a "
-    "torch._scaled_mm fallback instead (measured on an AVX-512 Xeon: 0.8-0.95 tokens/s, about "
-    "15x slower than W8A8 on the same machine), which is not the format's speed"
-)
 
 
 def server_spec(ctx: RunContext, target: str, draft: str | None, prompts) -> ServerSpec:
     v = ctx.cfg.vllm
     draft_variant = drafter_variant(draft) if draft is not None else None
     served = {target, draft_variant[1] if draft_variant else None}
-    no_gptq = ctx.vllm_probes.probe(vllm_python(v.python)).no_gptq
-    if no_gptq and served & set(INT4):  # known before a server is started for nothing
-        raise Skip("unavailable", no_gptq)
-    if "fp8" in served and ctx.device.type == "cpu" and not has_amx():
-        raise Skip("unavailable", NO_CPU_FP8)
+    found = ctx.vllm_probes.probe(vllm_python(v.python))
+    if found.no_gptq and served & set(INT4):  # known before a server is started for nothing
+        raise Skip("unavailable", found.no_gptq)
+    if found.no_fp8 and "fp8" in served:
+        raise Skip("unavailable", found.no_fp8)
     folder, dtype, quantization = served_files(ctx, "target", target)
     spec = ServerSpec(
         name=f"{target}+{draft or 'alone'}",
@@ -113,13 +108,6 @@ def served_files(ctx: RunContext, role: str, precision: str) -> tuple[str, str, 
         raise Skip("unavailable", f"{role} {precision} has no saved weights for vLLM to load")
     dtype = DTYPES.get(precision, v.dtype if precision == "fp32" else "auto")
     return str(folder), dtype, None
-
-
-def has_amx() -> bool:
-    try:
-        return "amx_tile" in open("/proc/cpuinfo").read()
-    except OSError:
-        return False
 
 
 def model_len(ctx: RunContext, prompts) -> int:
