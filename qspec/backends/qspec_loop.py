@@ -23,11 +23,24 @@ log = logging.getLogger("qspec")
 WARMUP_TOKENS = 8
 
 
+def run_capacity(cfg, prompts) -> int:
+    """One cache size for every cell of a run and every prompt, the warm-up included: compiled
+    shapes never change, and a target-only cell attends over the same masked cache length as
+    a speculative one. A longer cache sums attention in another order: 2e-5 of a logit in
+    fp32, but up to 0.25 through bitsandbytes nf4 on an AVX-512 CPU, enough to flip near-ties
+    and make greedy speculative output differ from the target's own for that alone."""
+    widest = max(
+        DraftLength(kind, gamma, cfg.confidence_threshold).widest
+        for kind in cfg.draft_lengths
+        for gamma in cfg.gammas
+    )
+    return max(p.ids.numel() + p.max_new_tokens for p in prompts) + widest + 1
+
+
 def prepare(ctx, cell, target, drafter, prompts) -> Prepared:
     cfg = ctx.cfg
     length = DraftLength(cell.draft_length, cell.gamma, cfg.confidence_threshold)
-    # one cache size for every prompt, the warm-up included: compiled shapes never change
-    capacity = max(p.ids.numel() + p.max_new_tokens for p in prompts) + length.widest + 1
+    capacity = run_capacity(cfg, prompts)
     prepared = Prepared(run=None, compile=bool(cfg.compile), capacity=capacity)
     run = dict(
         drafter=drafter,
