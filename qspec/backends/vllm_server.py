@@ -253,7 +253,7 @@ class Server:
 
 
 # vLLM's words when it names a model feature or setting that this device or build lacks (a
-# refusal: unavailable); any other error is a fault (failed), even a NotImplementedError
+# refusal: unavailable); any other error is a fault (failed), whatever its exception type
 REFUSALS = (
     # its platform check: "<method> quantization is currently not supported in cpu."
     "quantization is currently not supported in",
@@ -281,11 +281,7 @@ KERNEL = re.compile(r"\b(?:Selected|Using) (\w+Kernel) for (\w+)")
 def root_cause(log_path: Path) -> tuple[str | None, bool]:
     """The first error line vLLM logged (the root cause; later lines are its consequences),
     and whether it is a refusal of this model or device."""
-    try:
-        text = log_path.read_text(errors="replace")
-    except OSError:
-        return None, False
-    for line in text.splitlines():
+    for line in _log_text(log_path).splitlines():
         m = CAUSE.search(line)
         if m:
             cause = m[2].split(" [type=")[0].strip()[:400]
@@ -298,11 +294,16 @@ def root_cause(log_path: Path) -> tuple[str | None, bool]:
 def linear_kernels(log_path: Path) -> list[str]:
     """The kernels vLLM's log says it chose for the quantized linear layers, each once: which
     code a served format's figures come from (an int8 GEMM, or a slow fallback)."""
+    found = KERNEL.finditer(_log_text(log_path))
+    return list(dict.fromkeys(f"{m[1]} for {m[2]}" for m in found))
+
+
+def _log_text(log_path: Path) -> str:
+    """A server's log as text; empty when there is none (it never started)."""
     try:
-        text = log_path.read_text(errors="replace")
+        return log_path.read_text(errors="replace")
     except OSError:
-        return []
-    return list(dict.fromkeys(f"{m[1]} for {m[2]}" for m in KERNEL.finditer(text)))
+        return ""
 
 
 def _signal_group(pgid: int, sig: int) -> None:
