@@ -79,10 +79,9 @@ def server_spec(ctx: RunContext, target: str, draft: str | None, prompts) -> Ser
             "draft_sample_method": v.draft_sample_method,
         }
     elif draft is not None:
-        variant = drafter_variant(draft)
-        if variant is None or parse_skip(draft) is not None:
+        if draft_variant is None or parse_skip(draft) is not None:
             raise Skip("unavailable", f"vLLM has no drafter like qspec's {draft!r} (layer skip)")
-        role, precision = variant
+        role, precision = draft_variant
         draft_folder, _, draft_quant = served_files(ctx, role, precision)
         if draft_quant is not None:
             raise Skip(
